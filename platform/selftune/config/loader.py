@@ -1,0 +1,226 @@
+"""Load a pipeline YAML, apply ``--set a.b=c`` overrides, validate, resolve stage references.
+
+Every problem becomes one ``ConfigError`` line: ``<file>: <dotted.key>: <rule>, got <value>``.
+Stages are addressed by name in dotted keys (``stages.supervised.epochs``), or by position
+(``stages.0.epochs``).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Iterable
+
+import yaml
+from pydantic import BaseModel, ValidationError
+
+from selftune.config.schema import (
+    STAGE_CONFIGS,
+    PipelineConfig,
+    PseudoLabelStage,
+    SelfTrainStage,
+    StageConfig,
+    TrainingStageConfig,
+)
+from selftune.errors import ConfigError
+
+
+def load_pipeline(path: str | Path, overrides: Iterable[str] = ()) -> PipelineConfig:
+    """Read, override, validate and resolve the pipeline file at ``path``."""
+    return validate_pipeline(read_yaml(path), source=str(path), overrides=overrides)
+
+
+def read_yaml(path: str | Path) -> dict[str, Any]:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{path}: no such file")
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as error:
+        mark = getattr(error, "problem_mark", None)
+        where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark else ""
+        problem = getattr(error, "problem", None) or str(error).splitlines()[0]
+        raise ConfigError(f"{path}: malformed YAML{where}: {problem}") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping of keys, got {type(raw).__name__}")
+    return raw
+
+
+def validate_pipeline(raw: dict[str, Any], *, source: str, overrides: Iterable[str] = ()) -> PipelineConfig:
+    raw = _deep_copy(raw)
+    for text in overrides:
+        key, value = parse_override(text, source)
+        set_dotted(raw, key, value, source)
+    stages = raw.get("stages")
+    if not isinstance(stages, list) or not stages:
+        raise ConfigError(f"{source}: stages: must be a non-empty list of stages")
+    raw["stages"] = [_validate_stage(stage, i, source) for i, stage in enumerate(stages)]
+    try:
+        pipeline = PipelineConfig.model_validate(raw)
+    except ValidationError as error:
+        raise ConfigError(_describe(error, source, raw)) from None
+    return resolve_references(pipeline, source)
+
+
+def parse_override(text: str, source: str = "--set") -> tuple[str, Any]:
+    """``"a.b=3"`` -> ``("a.b", 3)``; the value is parsed as YAML (numbers, null, lists, 1/8 stays a string)."""
+    key, sep, value = text.partition("=")
+    if not sep or not key.strip():
+        raise ConfigError(f"--set {text!r}: expected KEY=VALUE with a dotted key, e.g. stages.supervised.epochs=5")
+    try:
+        parsed = yaml.safe_load(value) if value.strip() else ""
+    except yaml.YAMLError:
+        parsed = value
+    return key.strip(), parsed
+
+
+def set_dotted(raw: dict[str, Any], key: str, value: Any, source: str) -> None:
+    """Set ``raw[a][b]... = value`` for ``key = "a.b..."``, creating mappings on the way."""
+    parts = key.split(".")
+    node: Any = raw
+    for depth, part in enumerate(parts[:-1]):
+        child = _child(node, part, parts[: depth + 1], source, create=True)
+        node = child
+    last = parts[-1]
+    if isinstance(node, list):
+        node[_list_index(node, last, key, source)] = value
+    elif isinstance(node, dict):
+        node[last] = value
+    else:
+        raise ConfigError(f"{source}: {key}: {'.'.join(parts[:-1])} is a value, not a mapping")
+
+
+def get_dotted(raw: dict[str, Any], key: str, source: str) -> Any:
+    """Read ``raw`` at a dotted key; a missing key is a ConfigError naming it."""
+    node: Any = raw
+    parts = key.split(".")
+    for depth, part in enumerate(parts):
+        node = _child(node, part, parts[: depth + 1], source, create=False)
+    return node
+
+
+def _child(node: Any, part: str, path: list[str], source: str, *, create: bool) -> Any:
+    key = ".".join(path)
+    if isinstance(node, list):
+        return node[_list_index(node, part, key, source)]
+    if not isinstance(node, dict):
+        raise ConfigError(f"{source}: {key}: {'.'.join(path[:-1])} is a value, not a mapping")
+    if part not in node:
+        if not create:
+            raise ConfigError(f"{source}: {key}: no such key")
+        node[part] = {}
+    elif node[part] is None and create:
+        node[part] = {}
+    return node[part]
+
+
+def _list_index(items: list[Any], part: str, key: str, source: str) -> int:
+    """Stages (and other lists of named mappings) are addressed by name or by position."""
+    names = [item.get("name") for item in items if isinstance(item, dict)]
+    if part in names:
+        return names.index(part)
+    if part.lstrip("-").isdigit() and -len(items) <= int(part) < len(items):
+        return int(part)
+    known = ", ".join(str(name) for name in names if name is not None)
+    raise ConfigError(f"{source}: {key}: no item named {part!r}; names are: {known or '(none)'}")
+
+
+def _validate_stage(raw_stage: Any, index: int, source: str) -> StageConfig:
+    if not isinstance(raw_stage, dict):
+        raise ConfigError(f"{source}: stages.{index}: must be a mapping with name and kind")
+    label = str(raw_stage.get("name", index))
+    kind = raw_stage.get("kind")
+    if kind not in STAGE_CONFIGS:
+        kinds = ", ".join(sorted(STAGE_CONFIGS))
+        raise ConfigError(f"{source}: stages.{label}.kind: unknown stage kind {kind!r}; valid kinds are: {kinds}")
+    try:
+        return STAGE_CONFIGS[kind].model_validate(raw_stage)
+    except ValidationError as error:
+        raise ConfigError(_describe(error, source, raw_stage, prefix=f"stages.{label}")) from None
+
+
+def _describe(error: ValidationError, source: str, raw: Any, prefix: str = "") -> str:
+    """The first validation problem as one line naming the dotted key, the rule and the value."""
+    problem = error.errors()[0]
+    loc = [str(part) for part in problem["loc"]]
+    key = ".".join([prefix, *loc] if prefix else loc) or "(top level)"
+    if problem["type"] == "extra_forbidden":
+        valid = _valid_keys(raw, loc, prefix)
+        return f"{source}: {key}: unknown key; valid keys here are: {valid}"
+    if problem["type"] == "missing":
+        return f"{source}: {key}: required key is missing"
+    message = problem["msg"].replace("Value error, ", "")
+    return f"{source}: {key}: {message}, got {problem.get('input')!r}"
+
+
+def _valid_keys(raw: Any, loc: list[str], prefix: str) -> str:
+    model: type[BaseModel] | None = PipelineConfig
+    if prefix.startswith("stages.") and isinstance(raw, dict):
+        model = STAGE_CONFIGS.get(raw.get("kind"))
+    for part in loc[:-1]:
+        field = model.model_fields.get(part) if model else None
+        annotation = field.annotation if field else None
+        model = annotation if isinstance(annotation, type) and issubclass(annotation, BaseModel) else None
+    return ", ".join(sorted(model.model_fields)) if model else "(see the documentation)"
+
+
+def resolve_references(pipeline: PipelineConfig, source: str) -> PipelineConfig:
+    """Check that stage names are unique and references point at earlier stages of the right kind;
+    fill ``None`` defaults with the closest earlier stage, so the resolved config says exactly
+    which artifact each stage reads."""
+    seen: list[StageConfig] = []
+    resolved: list[StageConfig] = []
+    for stage in pipeline.stages:
+        if any(other.name == stage.name for other in seen):
+            raise ConfigError(f"{source}: stages.{stage.name}.name: stage names must be unique")
+        updates: dict[str, Any] = {}
+        if isinstance(stage, TrainingStageConfig) and stage.init_from is not None:
+            _earlier(seen, stage.init_from, TrainingStageConfig, f"stages.{stage.name}.init_from", source)
+        if isinstance(stage, PseudoLabelStage):
+            updates["model_from"] = _earlier(seen, stage.model_from, TrainingStageConfig, f"stages.{stage.name}.model_from", source)
+        if isinstance(stage, SelfTrainStage):
+            updates["pseudo_labels"] = _earlier(seen, stage.pseudo_labels, PseudoLabelStage, f"stages.{stage.name}.pseudo_labels", source)
+        stage = stage.model_copy(update=updates) if updates else stage
+        seen.append(stage)
+        resolved.append(stage)
+    return pipeline.model_copy(update={"stages": resolved})
+
+
+def _earlier(seen: list[StageConfig], name: str | None, kind: type, key: str, source: str) -> str:
+    candidates = [stage for stage in seen if isinstance(stage, kind)]
+    if name is None:
+        if not candidates:
+            raise ConfigError(f"{source}: {key}: needs an earlier stage that produces it, and there is none")
+        return candidates[-1].name
+    if name not in [stage.name for stage in candidates]:
+        valid = ", ".join(stage.name for stage in candidates) or "(none)"
+        raise ConfigError(f"{source}: {key}: {name!r} is not an earlier stage of a fitting kind; valid: {valid}")
+    return name
+
+
+def pipeline_to_dict(pipeline: PipelineConfig) -> dict[str, Any]:
+    """The resolved pipeline as plain data (what is logged and written as YAML)."""
+    data = pipeline.model_dump(mode="json")
+    data["stages"] = [stage.model_dump(mode="json") for stage in pipeline.stages]
+    return data
+
+
+def flatten(data: Any, prefix: str = "") -> dict[str, Any]:
+    """``{"a": {"b": 1}}`` -> ``{"a.b": 1}``; lists of named mappings use the names."""
+    if isinstance(data, dict):
+        items = data.items()
+    elif isinstance(data, list) and data and all(isinstance(x, dict) and "name" in x for x in data):
+        items = ((x["name"], x) for x in data)
+    else:
+        return {prefix: data}
+    flat: dict[str, Any] = {}
+    for key, value in items:
+        flat.update(flatten(value, f"{prefix}.{key}" if prefix else str(key)))
+    return flat
+
+
+def _deep_copy(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {key: _deep_copy(item) for key, item in value.items()}
+    if isinstance(value, list):
+        return [_deep_copy(item) for item in value]
+    return value
