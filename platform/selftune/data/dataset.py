@@ -1,0 +1,111 @@
+"""The torch Dataset every stage trains and evaluates on."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import albumentations as A
+import numpy as np
+import torch
+from albumentations.pytorch import ToTensorV2
+from torch.utils.data import Dataset, get_worker_info
+
+from selftune.data.index import IGNORE_INDEX, Sample
+from selftune.data.io import read_image, read_mask
+from selftune.data.transforms import seeded
+from selftune.errors import ConfigError, DataError
+
+GROUND_TRUTH = "ground_truth"
+NO_MASKS = "none"
+
+# ImageNet statistics: every backbone selftune builds is ImageNet-pretrained.
+_FINISH = A.Compose([A.Normalize(mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225)), ToTensorV2()])
+
+
+class SegmentationDataset(Dataset):
+    """Images with their masks, transformed jointly.
+
+    ``masks`` says where masks come from: ``"ground_truth"`` (``sample.mask``, through
+    ``label_map``), ``"none"`` (no file is read; the mask is all 255, for unlabelled images), or a
+    folder of pseudo labels ``<folder>/<id>.png`` (already class ids, no ``label_map``).
+
+    An item is ``{"image": float (3, H, W) ImageNet-normalised, "mask": long (H, W) with 255 =
+    ignore, "valid": bool (H, W) False on pixels added by padding, "id": str, "index": int}``.
+    """
+
+    def __init__(
+        self,
+        samples: Sequence[Sample],
+        *,
+        num_classes: int,
+        transform: A.Compose | None,
+        masks: str | Path = GROUND_TRUTH,
+        label_map: np.ndarray | None = None,
+    ) -> None:
+        self.samples = list(samples)
+        self.num_classes = num_classes
+        self.transform = transform
+        self.label_map = label_map
+        self.mask_folder = _mask_folder(masks)
+        self.read_masks = masks != NO_MASKS
+        if masks == GROUND_TRUTH:
+            missing = next((s for s in self.samples if s.mask is None), None)
+            if missing is not None:
+                raise DataError(f"sample {missing.id!r} ({missing.image}) has no ground-truth mask; use masks='none'")
+        self._worker_seed: int | None = None
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        sample = self.samples[index]
+        image = read_image(sample.image)  # (H, W, 3) uint8
+        mask = self._mask(sample, image.shape[:2])  # (H, W) uint8
+        valid = np.ones(image.shape[:2], dtype=np.uint8)  # padding turns these into 255
+        if self.transform is not None:
+            self._reseed_in_worker()
+            out = self.transform(image=image, mask=mask, masks=[valid])
+            image, mask, valid = out["image"], out["mask"], out["masks"][0]
+        out = _FINISH(image=image, mask=mask)
+        return {
+            "image": out["image"],
+            "mask": out["mask"].long(),
+            "valid": torch.from_numpy(np.ascontiguousarray(valid) == 1),
+            "id": sample.id,
+            "index": index,
+        }
+
+    def _mask(self, sample: Sample, shape: tuple[int, int]) -> np.ndarray:
+        if not self.read_masks:
+            return np.full(shape, IGNORE_INDEX, dtype=np.uint8)
+        if self.mask_folder is None:
+            path, label_map = sample.mask, self.label_map
+        else:
+            path, label_map = self.mask_folder / f"{sample.id}.png", None
+        mask = read_mask(path, self.num_classes, label_map)
+        if mask.shape != shape:
+            raise DataError(
+                f"mask {path} is {mask.shape[0]}x{mask.shape[1]} but image {sample.image} is {shape[0]}x{shape[1]}"
+            )
+        return mask
+
+    def _reseed_in_worker(self) -> None:
+        # Forked DataLoader workers inherit identical albumentations random states; give each
+        # worker its own stream from torch's per-worker seed (itself drawn from the loader's seed).
+        info = get_worker_info()
+        if info is not None and self._worker_seed != info.seed and hasattr(self.transform, "set_random_state"):
+            seeded(self.transform, info.seed)
+            self._worker_seed = info.seed
+
+
+def _mask_folder(masks: str | Path) -> Path | None:
+    if isinstance(masks, str) and masks in (GROUND_TRUTH, NO_MASKS):
+        return None
+    folder = Path(masks)
+    if not folder.is_dir():
+        raise ConfigError(
+            f"masks={str(masks)!r} is neither {GROUND_TRUTH!r}, {NO_MASKS!r} nor an existing folder of pseudo labels"
+        )
+    return folder

@@ -1,0 +1,183 @@
+"""Which training images are labelled: a count, a fraction, or a published split file.
+
+Counts and fractions draw a seeded permutation of the *sorted* train ids and take its first n, so
+for one seed a smaller labelled set is a prefix of a larger one (nested splits, as in DST-CBC and
+CutMix-Seg), and the result does not depend on the order the layout lists ids in.
+
+A fraction f of N ids gives ``n = ceil(N * f)`` (f read exactly, "1/8" as 1/8). Rounding up
+reproduces the published sizes: VOC trainaug (10 582) 1/16, 1/8, 1/4, 1/2 -> 662, 1323, 2646, 5291;
+Cityscapes (2 975) 1/30, 1/16, 1/8, 1/4, 1/2 -> 100, 186, 372, 744, 1488. (DST-CBC's own files are
+one smaller for some ratios, e.g. 1322 and 371; pass those files, or counts, to reproduce them.)
+
+Split files accepted (relative paths are resolved against the dataset root):
+
+* text, one entry per line: a bare id (``2007_000033``, ``aachen/aachen_000000_000019``; DST-CBC),
+  or ``image [mask]`` paths (``JPEGImages/x.jpg SegmentationClass/x.png``,
+  ``leftImg8bit/train/<city>/<name>_leftImg8bit.png gtFine/...``; U2PL, ST++, UniMatch). Only the
+  first field is used, reduced to the dataset's id form.
+* ``.pkl`` / ``.npy`` holding a permutation of train indices (CutMix-Seg's ``split_0.pkl``): the
+  labelled set is its first n entries, so the count is part of the spec: ``"split_0.pkl:106"``.
+  Indices refer to ``train_ids`` in the order given (the layout's order: the list file's for VOC).
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+import os
+import pickle
+import re
+from collections.abc import Sequence
+from fractions import Fraction
+from pathlib import Path
+
+import numpy as np
+
+from selftune.data._ids import id_depth, read_id_file
+from selftune.errors import ConfigError, DataError
+
+_COUNT = re.compile(r"^[+-]?\d+$")
+_RATIO = re.compile(r"^\s*([+-]?\d+)\s*/\s*([+-]?\d+)\s*$")
+_DECIMAL = re.compile(r"^[+-]?(\d+\.\d*|\.\d+|\d+(\.\d*)?[eE][+-]?\d+)$")
+_INDEX_FILE = re.compile(r"^(?P<path>.+\.(?:pkl|npy)):(?P<count>.*)$", re.IGNORECASE)
+_VALID = (
+    "a count (100), a fraction in (0, 1] (1/8, 0.125), a split file, or an index file with a count (split_0.pkl:106)"
+)
+
+
+def split_labelled(
+    train_ids: Sequence[str], spec: int | float | str | Path, *, seed: int, root: Path | None = None
+) -> tuple[list[str], list[str]]:
+    """Split ``train_ids`` into (labelled, unlabelled) according to ``spec``.
+
+    Labelled ids come in selection order (permutation or file order); unlabelled ids are the
+    remaining train ids in their given order.
+    """
+    ids = list(train_ids)
+    if len(set(ids)) != len(ids):
+        raise DataError("train ids are not unique; a dataset must list every training image once")
+    labelled = _select(ids, spec, seed, root)
+    chosen = set(labelled)
+    return labelled, [i for i in ids if i not in chosen]
+
+
+def _select(ids: list[str], spec: int | float | str | Path, seed: int, root: Path | None) -> list[str]:
+    if isinstance(spec, os.PathLike):
+        spec = os.fspath(spec)
+    count = _requested_count(spec, len(ids))
+    if count is not None:
+        return _first(ids, count, seed)
+    text = str(spec).strip()
+    if index_file := _INDEX_FILE.match(text):
+        count_text = index_file["count"].strip()
+        if not _COUNT.match(count_text):
+            raise ConfigError(f"labelled split {spec!r}: the count after ':' must be an integer, e.g. split_0.pkl:106")
+        path = _resolve(index_file["path"], root, spec)
+        return _from_index_file(ids, path, _check_count(int(count_text), len(ids), spec))
+    if text.lower().endswith((".pkl", ".npy")):
+        raise ConfigError(f"labelled split {spec!r} is an index file; add the labelled count, e.g. {text}:106")
+    return _from_id_file(ids, _resolve(text, root, spec))
+
+
+def _requested_count(spec: object, total: int) -> int | None:
+    """The labelled count a numeric spec asks for; ``None`` when ``spec`` names a file."""
+    if isinstance(spec, bool):
+        raise ConfigError(f"labelled split {spec!r} is not valid; use {_VALID}")
+    if isinstance(spec, numbers.Integral):
+        return _check_count(int(spec), total, spec)
+    if isinstance(spec, numbers.Real):
+        if not math.isfinite(spec):
+            raise ConfigError(f"labelled split {spec!r} is not valid; use {_VALID}")
+        return _fraction_count(Fraction(float(spec)).limit_denominator(10**6), total, spec)
+    if not isinstance(spec, str):
+        raise ConfigError(f"labelled split {spec!r} has type {type(spec).__name__}; use {_VALID}")
+    text = spec.strip()
+    if _COUNT.match(text):
+        return _check_count(int(text), total, spec)
+    if ratio := _RATIO.match(text):
+        numerator, denominator = int(ratio[1]), int(ratio[2])
+        if denominator == 0:
+            raise ConfigError(f"labelled split {spec!r} divides by zero; use {_VALID}")
+        return _fraction_count(Fraction(numerator, denominator), total, spec)
+    if _DECIMAL.match(text):
+        return _fraction_count(Fraction(text).limit_denominator(10**6), total, spec)
+    return None
+
+
+def _check_count(n: int, total: int, spec: object) -> int:
+    if not 1 <= n <= total:
+        raise ConfigError(
+            f"labelled split {spec!r} asks for {n} images; the count must be in 1..{total} (the train set)"
+        )
+    return n
+
+
+def _fraction_count(fraction: Fraction, total: int, spec: object) -> int:
+    if not 0 < fraction <= 1:
+        raise ConfigError(f"labelled split {spec!r} is a fraction outside (0, 1]; use e.g. 1/8 or 0.125")
+    return math.ceil(total * fraction)  # exact: Fraction arithmetic, no float round-off
+
+
+def _first(ids: list[str], n: int, seed: int) -> list[str]:
+    order = np.random.default_rng(seed).permutation(len(ids))
+    ordered = sorted(ids)
+    return [ordered[k] for k in order[:n]]
+
+
+def _resolve(text: str, root: Path | None, spec: object) -> Path:
+    path = Path(text).expanduser()
+    if not path.is_absolute() and root is not None:
+        path = Path(root) / path
+    if not path.is_file():
+        raise ConfigError(
+            f"labelled split {spec!r} is not a number and no split file {path} exists "
+            f"(relative paths are resolved against the dataset root); use {_VALID}"
+        )
+    return path
+
+
+def _from_id_file(ids: list[str], path: Path) -> list[str]:
+    listed = read_id_file(path, depth=id_depth(ids))
+    if not listed:
+        raise DataError(f"split file {path} lists no ids")
+    known = set(ids)
+    unknown = [i for i in listed if i not in known]
+    if unknown:
+        shown = ", ".join(unknown[:3]) + (", ..." if len(unknown) > 3 else "")
+        raise DataError(f"split file {path} lists {len(unknown)} ids not in the train set: {shown}")
+    return listed
+
+
+def _from_index_file(ids: list[str], path: Path, n: int) -> list[str]:
+    order = _load_indices(path)
+    if order.ndim != 1 or not np.issubdtype(order.dtype, np.integer):
+        raise DataError(
+            f"index file {path} must hold a 1-D array of integer train indices, got {order.dtype} {order.shape}"
+        )
+    if n > len(order):
+        raise ConfigError(f"labelled count {n} exceeds the {len(order)} indices in {path}")
+    head = order[:n]
+    if head.min() < 0 or head.max() >= len(ids) or len(np.unique(head)) != n:
+        raise DataError(f"index file {path} must hold distinct indices in 0..{len(ids) - 1} (the train set)")
+    return [ids[k] for k in head]
+
+
+def _load_indices(path: Path) -> np.ndarray:
+    try:
+        if path.suffix.lower() == ".npy":
+            return np.asarray(np.load(path, allow_pickle=False))
+        with path.open("rb") as handle:
+            return np.asarray(_NumpyOnlyUnpickler(handle).load())
+    except (OSError, ValueError, EOFError, pickle.UnpicklingError) as exc:
+        raise DataError(f"cannot read index file {path}: {exc}") from None
+
+
+class _NumpyOnlyUnpickler(pickle.Unpickler):
+    """Unpickles lists and numpy arrays only: a split file must not be able to run code."""
+
+    _ALLOWED = {"_reconstruct", "ndarray", "dtype", "scalar", "_frombuffer"}
+
+    def find_class(self, module: str, name: str) -> type:
+        if module.split(".")[0] == "numpy" and name in self._ALLOWED:
+            return super().find_class(module, name)
+        raise pickle.UnpicklingError(f"refusing to load {module}.{name}; expected a numpy array or a list of ints")
