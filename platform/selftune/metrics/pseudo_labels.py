@@ -1,0 +1,81 @@
+"""How good are the pseudo labels? They are compared with the unlabelled images' real ground truth,
+which benchmark datasets have but the method never sees.
+
+The three numbers of the auxiliary-confidence-network paper (tables 3-5), used for every method:
+mIoU over kept pixels, class coverage ("class semi ratio") and the kept fraction.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from selftune.metrics.confusion import ConfusionMatrix, all_reduce_sum_, check_class_range
+
+__all__ = ["PseudoLabelQuality"]
+
+
+class PseudoLabelQuality:
+    """Accumulates pseudo labels against ground truth; ``ignore_index`` in a pseudo label = not kept.
+
+    Only pixels with valid ground truth (``!= ignore_index``) count. ``compute()`` returns
+
+    * ``miou``: mIoU of the kept pixels against their ground truth (nan-mean: classes absent from
+      both the kept ground truth and the kept pseudo labels are left out);
+    * ``kept_fraction``: kept valid pixels / all valid pixels;
+    * ``class_coverage``: mean over the classes that have ground-truth pixels of the fraction of
+      that class's pixels that are kept (the paper's "class semi ratio"; a class whose pixels are
+      all dropped counts as 0, which is what this number is meant to reveal);
+    * ``pixel_accuracy``: correct kept pixels / kept pixels;
+    * ``per_class_iou``: list of C floats, NaN where undefined;
+    * ``num_pixels``: valid ground-truth pixels seen; ``num_kept_pixels``: those that were kept.
+    """
+
+    def __init__(self, num_classes: int, ignore_index: int = 255):
+        self.num_classes = num_classes
+        self.ignore_index = ignore_index
+        self.kept = ConfusionMatrix(num_classes, ignore_index)  # kept pixels: rows gt, cols pseudo
+        self.ground_truth_counts = torch.zeros(num_classes, dtype=torch.int64)  # every valid gt pixel
+
+    def update(self, pseudo: torch.Tensor, ground_truth: torch.Tensor) -> None:
+        """``pseudo`` and ``ground_truth`` of the same shape, e.g. (B, H, W) class ids."""
+        if pseudo.shape != ground_truth.shape:
+            raise ValueError(
+                f"pseudo label and ground truth shapes differ: {tuple(pseudo.shape)} vs {tuple(ground_truth.shape)}"
+            )
+        pseudo, ground_truth = pseudo.long(), ground_truth.long()
+        valid = ground_truth != self.ignore_index
+        truth = ground_truth[valid]
+        check_class_range(truth, self.num_classes, "ground truth")
+        if self.ground_truth_counts.device != truth.device:
+            self.ground_truth_counts = self.ground_truth_counts.to(truth.device)
+        self.ground_truth_counts += torch.bincount(truth, minlength=self.num_classes)
+        # Dropped pixels become "ignore" in the target, so the matrix counts kept pixels only.
+        kept_truth = ground_truth.masked_fill(pseudo == self.ignore_index, self.ignore_index)
+        self.kept.update(pseudo, kept_truth)
+
+    def all_reduce(self) -> None:
+        """Sum the counts of all workers; a no-op without a process group. Call once, at the end."""
+        self.kept.all_reduce()
+        all_reduce_sum_(self.ground_truth_counts)
+
+    def compute(self) -> dict[str, Any]:
+        counts = self.ground_truth_counts.cpu().double()  # (C,) valid gt pixels per class
+        kept_per_class = self.kept.matrix.sum(dim=1).cpu().double()  # (C,) kept pixels per gt class
+        total, kept = counts.sum().item(), kept_per_class.sum().item()
+        present = counts > 0
+        coverage = (kept_per_class[present] / counts[present]).mean().item() if present.any() else float("nan")
+        return {
+            "miou": self.kept.miou(),
+            "kept_fraction": kept / total if total else float("nan"),
+            "class_coverage": coverage,
+            "pixel_accuracy": self.kept.pixel_accuracy(),
+            "per_class_iou": self.kept.iou().tolist(),
+            "num_pixels": int(total),
+            "num_kept_pixels": int(kept),
+        }
+
+    def reset(self) -> None:
+        self.kept.reset()
+        self.ground_truth_counts.zero_()
