@@ -42,15 +42,20 @@ def random_mask(rng: np.random.Generator, num_classes: int, size: tuple[int, int
 
 
 def build_folder(root: Path, *, train: list[str], val: list[str], classes: list[str] | None = ("a", "b", "c"),
-                 jpg: tuple[str, ...] = (), num_classes: int = 3) -> Path:
-    """``root/{images,masks,splits}`` in the folder format; ids in ``jpg`` get a .jpg image."""
+                 jpg: tuple[str, ...] = (), num_classes: int = 3, unmasked: tuple[str, ...] = (),
+                 sizes: dict[str, tuple[int, int]] | None = None) -> Path:
+    """``root/{images,masks,splits}`` in the folder format; ids in ``jpg`` get a .jpg image, ids in
+    ``unmasked`` no mask file, ids in ``sizes`` that (H, W) instead of 12x16."""
     rng = np.random.default_rng(0)
     for sample_id in dict.fromkeys(train + val):
+        size = (sizes or {}).get(sample_id, (12, 16))
         if sample_id in jpg:
-            write_jpg(root / "images" / f"{sample_id}.jpg", random_image(rng))
+            write_jpg(root / "images" / f"{sample_id}.jpg", random_image(rng, size))
         else:
-            write_png(root / "images" / f"{sample_id}.png", random_image(rng))
-        write_png(root / "masks" / f"{sample_id}.png", random_mask(rng, num_classes))
+            write_png(root / "images" / f"{sample_id}.png", random_image(rng, size))
+        mask = random_mask(rng, num_classes, size)  # drawn either way: other ids' pixels stay the same
+        if sample_id not in unmasked:
+            write_png(root / "masks" / f"{sample_id}.png", mask)
     (root / "splits").mkdir(parents=True, exist_ok=True)
     (root / "splits" / "train.txt").write_text("\n".join(train) + "\n\n")
     (root / "splits" / "val.txt").write_text("\n".join(val) + "\n")

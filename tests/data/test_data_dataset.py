@@ -7,7 +7,7 @@ import pytest
 import torch
 from PIL import Image
 
-from selftune.data import Sample, SegmentationDataset, cityscapes_label_map, weak_augmentation
+from selftune.data import Sample, SegmentationDataset, cityscapes_label_map, open_dataset, weak_augmentation
 from selftune.errors import ConfigError, DataError
 
 MEAN = torch.tensor([0.485, 0.456, 0.406]).view(3, 1, 1)
@@ -31,8 +31,9 @@ def test_ground_truth_items_are_normalised_tensors_with_their_masks(samples):
     dataset = SegmentationDataset(samples, num_classes=3, transform=None)
     assert len(dataset) == 2
     item = dataset[1]
-    assert set(item) == {"image", "mask", "valid", "id", "index"}
+    assert set(item) == {"image", "mask", "valid", "size", "id", "index"}
     assert item["id"] == "s1" and item["index"] == 1
+    assert item["size"].dtype == torch.int64 and item["size"].tolist() == [6, 8]
     assert item["image"].dtype == torch.float32 and item["image"].shape == (3, 6, 8)
     expected = (torch.tensor([10.0, 100.0, 200.0]).view(3, 1, 1) / 255 - MEAN) / STD
     # (torch.testing.assert_close would cost seconds of lazy imports on its first call)
@@ -87,6 +88,15 @@ def test_unknown_masks_mode_is_a_config_error(samples):
 def test_ground_truth_mode_needs_masks(samples):
     with pytest.raises(DataError, match=r"sample 's0' .* has no ground-truth mask; use masks='none'"):
         SegmentationDataset([Sample("s0", samples[0].image, None)], num_classes=3, transform=None)
+
+
+def test_unmasked_folder_sample_needs_masks_none(tmp_path, make_folder):
+    index = open_dataset("folder", make_folder(tmp_path / "d", train=["t0", "t1"], val=["v0"], unmasked=("t1",)))
+    with pytest.raises(DataError, match=r"^sample 't1' \(.*t1\.png\) has no ground-truth mask; use masks='none'") as err:
+        SegmentationDataset(index.train, num_classes=3, transform=None, masks="ground_truth")
+    assert "\n" not in str(err.value)
+    item = SegmentationDataset(index.train, num_classes=3, transform=None, masks="none")[1]
+    assert item["id"] == "t1" and (item["mask"] == 255).all() and item["size"].tolist() == [12, 16]
 
 
 def test_mask_of_another_size_is_rejected(samples, tmp_path, png):

@@ -62,6 +62,35 @@ def test_id_without_mask_names_split_file_id_and_path(folder_root):
         open_dataset("folder", folder_root)
 
 
+def test_train_id_without_mask_is_an_unlabelled_sample(tmp_path, make_folder):
+    root = make_folder(tmp_path / "d", train=["t0", "t1", "t2"], val=["v0"], unmasked=("t1",))
+    index = open_dataset("folder", root)
+    assert [s.id for s in index.train] == ["t0", "t1", "t2"]
+    assert index.train[1] == Sample("t1", root / "images" / "t1.png", None)
+    assert index.train[0].mask == root / "masks" / "t0.png" and index.train[2].mask == root / "masks" / "t2.png"
+    assert index.val[0].mask == root / "masks" / "v0.png"
+
+
+def test_unmasked_train_id_still_needs_its_image(tmp_path, make_folder):
+    root = make_folder(tmp_path / "d", train=["t0", "t1"], val=["v0"], unmasked=("t1",))
+    (root / "images" / "t1.png").unlink()
+    with pytest.raises(DataError, match=r"splits/train\.txt lists id 't1' but there is no image .*images/t1\.png"):
+        open_dataset("folder", root)
+
+
+def test_val_id_without_mask_is_still_an_error(tmp_path, make_folder):
+    root = make_folder(tmp_path / "d", train=["t0"], val=["v0", "v1"], unmasked=("t0", "v1"))
+    with pytest.raises(DataError, match=r"splits/val\.txt lists id 'v1' but its mask .*masks/v1\.png does not exist"):
+        open_dataset("folder", root)
+
+
+def test_folder_where_a_train_mask_belongs_is_an_error(folder_root):
+    (folder_root / "masks" / "t2.png").unlink()
+    (folder_root / "masks" / "t2.png").mkdir()
+    with pytest.raises(DataError, match=r"train\.txt lists id 't2' but its mask .*masks/t2\.png is not a file"):
+        open_dataset("folder", folder_root)
+
+
 def test_missing_split_file_is_named(folder_root):
     (folder_root / "splits" / "val.txt").unlink()
     with pytest.raises(DataError, match=r"split file .*splits/val\.txt does not exist"):

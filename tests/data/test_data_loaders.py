@@ -5,7 +5,18 @@ import pytest
 import torch
 from torch.utils.data import Dataset, DistributedSampler
 
-from selftune.data import Sample, SegmentationDataset, cycle, make_loader, weak_augmentation
+from torch.utils.data import default_collate
+
+from selftune.data import (
+    Sample,
+    SegmentationDataset,
+    cycle,
+    eval_transform,
+    make_loader,
+    open_dataset,
+    pad_collate,
+    weak_augmentation,
+)
 from selftune.errors import ConfigError
 
 
@@ -86,3 +97,72 @@ def test_worker_processes_do_not_repeat_each_others_augmentations(tmp_path, png)
     assert loader.persistent_workers
     crops = [batch["image"][0] for batch in loader]  # items 0, 2 from worker 0; 1, 3 from worker 1
     assert not torch.equal(crops[0], crops[1]) and not torch.equal(crops[2], crops[3])
+
+
+# ---------------------------------------------------------------------------------------------- padding
+
+
+def item(height: int, width: int, k: int, *, size: bool = True) -> dict:
+    """A dataset-like item whose image is filled with k + 1 and whose mask is k."""
+    out = {
+        "image": torch.full((3, height, width), float(k + 1)),
+        "mask": torch.full((height, width), k, dtype=torch.long),
+        "valid": torch.ones(height, width, dtype=torch.bool),
+        "id": f"s{k}",
+        "index": k,
+    }
+    if size:
+        out["size"] = torch.tensor([height, width])
+    return out
+
+
+@pytest.mark.parametrize("with_size", [True, False])
+def test_pad_collate_pads_to_the_largest_height_and_width(with_size):
+    shapes = [(2, 5), (4, 3), (3, 6)]
+    batch = pad_collate([item(h, w, k, size=with_size) for k, (h, w) in enumerate(shapes)])
+    assert batch["image"].shape == (3, 3, 4, 6) and batch["mask"].shape == batch["valid"].shape == (3, 4, 6)
+    assert batch["mask"].dtype == torch.int64 and batch["valid"].dtype == torch.bool
+    assert batch["size"].dtype == torch.int64 and batch["size"].tolist() == [list(s) for s in shapes]
+    assert batch["id"] == ["s0", "s1", "s2"] and batch["index"].tolist() == [0, 1, 2]
+    for k, (h, w) in enumerate(shapes):
+        inside = torch.zeros(4, 6, dtype=torch.bool)
+        inside[:h, :w] = True  # each item sits in the top-left corner
+        assert (batch["image"][k][:, inside] == k + 1).all() and (batch["image"][k][:, ~inside] == 0).all()
+        assert (batch["mask"][k][inside] == k).all() and (batch["mask"][k][~inside] == 255).all()
+        assert torch.equal(batch["valid"][k], inside)
+
+
+def test_equal_sizes_collate_as_without_padding(tmp_path, make_folder):
+    items = [item(3, 4, k) for k in range(3)]
+    padded, plain = pad_collate(items), default_collate(items)
+    assert list(padded) == list(plain)
+    for key in ("image", "mask", "valid", "size", "index"):
+        assert padded[key].dtype == plain[key].dtype and torch.equal(padded[key], plain[key])
+    assert padded["id"] == plain["id"]
+
+    index = open_dataset("folder", make_folder(tmp_path / "d", train=["t0", "t1", "t2"], val=["v0"]))
+    dataset = SegmentationDataset(index.train, num_classes=3, transform=eval_transform())
+    for with_pad, without in zip(make_loader(dataset, batch_size=2, shuffle=False, pad=True),
+                                 make_loader(dataset, batch_size=2, shuffle=False), strict=True):
+        assert with_pad["id"] == without["id"]
+        assert all(torch.equal(with_pad[key], without[key]) for key in ("image", "mask", "valid", "size", "index"))
+        assert without["size"].tolist() == [[12, 16]] * len(without["id"])
+
+
+def test_folder_images_of_mixed_sizes_batch_with_pad(tmp_path, make_folder):
+    sizes = {"a": (12, 16), "b": (9, 20), "c": (14, 7)}
+    root = make_folder(tmp_path / "d", train=["a", "b", "c"], val=["a"], sizes=sizes, jpg=("b",))
+    index = open_dataset("folder", root)
+    dataset = SegmentationDataset(index.train, num_classes=3, transform=eval_transform())
+    with pytest.raises(RuntimeError):  # what pad=True is for
+        next(iter(make_loader(dataset, batch_size=3, shuffle=False)))
+    (batch,) = list(make_loader(dataset, batch_size=3, shuffle=False, pad=True))
+    assert batch["image"].shape == (3, 3, 14, 20) and batch["id"] == ["a", "b", "c"]
+    assert batch["size"].tolist() == [[12, 16], [9, 20], [14, 7]]
+    for k, (h, w) in enumerate(sizes.values()):
+        own = dataset[k]
+        assert torch.equal(batch["image"][k, :, :h, :w], own["image"])
+        assert torch.equal(batch["mask"][k, :h, :w], own["mask"])
+        assert batch["valid"][k].sum() == h * w and batch["valid"][k, :h, :w].all()
+        assert (batch["mask"][k][~batch["valid"][k]] == 255).all()
+        assert (batch["image"][k][:, ~batch["valid"][k]] == 0).all()

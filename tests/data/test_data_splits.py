@@ -149,3 +149,84 @@ def test_ids_not_in_train_are_named(tmp_path):
 def test_malformed_specs_say_what_is_valid(tmp_path, spec, message):
     with pytest.raises(ConfigError, match=message):
         split_labelled(IDS, spec, seed=0, root=tmp_path)
+
+
+# ---------------------------------------------------------------------------------------------- candidates
+
+MASKED = IDS[::4]  # 5 of the 20 train images have masks
+
+
+def test_candidates_default_to_every_id_with_identical_results(tmp_path):
+    (tmp_path / "labeled.txt").write_text("2007_000007\n2007_000003\n")
+    np.save(tmp_path / "perm.npy", np.arange(19, -1, -1))
+    for spec in (5, "1/3", 0.5, 20, "labeled.txt", "perm.npy:4"):
+        for seed in (0, 3):
+            plain = split_labelled(IDS, spec, seed=seed, root=tmp_path)
+            assert split_labelled(IDS, spec, seed=seed, root=tmp_path, candidates=IDS) == plain
+            assert split_labelled(IDS, spec, seed=seed, root=tmp_path, candidates=None) == plain
+            assert split_labelled(IDS, spec, seed=seed, root=tmp_path, candidates=list(reversed(IDS))) == plain
+
+
+def test_counts_draw_from_candidates_and_the_rest_is_unlabelled():
+    labelled, unlabelled = split_labelled(IDS, 3, seed=0, candidates=MASKED)
+    assert len(labelled) == 3 and set(labelled) <= set(MASKED)
+    assert unlabelled == [i for i in IDS if i not in labelled]  # unmasked ids too, in train order
+    everything, rest = split_labelled(IDS, 5, seed=0, candidates=MASKED)
+    assert sorted(everything) == MASKED and rest == [i for i in IDS if i not in MASKED]
+
+
+def test_fraction_is_of_the_candidate_count():
+    assert len(split_labelled(IDS, "1/2", seed=0, candidates=MASKED)[0]) == 3  # ceil(5 / 2), not 10
+    assert sorted(split_labelled(IDS, 1.0, seed=0, candidates=MASKED)[0]) == MASKED
+
+
+def test_candidate_selection_is_nested_deterministic_and_order_free():
+    for seed in range(3):
+        small = split_labelled(IDS, 2, seed=seed, candidates=MASKED)[0]
+        assert split_labelled(IDS, "4/5", seed=seed, candidates=MASKED)[0][:2] == small
+        assert split_labelled(list(reversed(IDS)), 2, seed=seed, candidates=list(reversed(MASKED)))[0] == small
+
+
+@pytest.mark.parametrize(("spec", "message"), [
+    (6, r"labelled split 6 asks for 6 images, but only 5 of the 20 train images have masks; "
+        r"the count must be in 1\.\.5"),
+    ("0", r"labelled split '0' asks for 0 images, but only 5 of the 20 train images have masks"),
+    ("perm.npy:6", r"asks for 6 images, but only 5 of the 20 train images have masks"),
+])
+def test_count_beyond_the_candidates_says_how_many_have_masks(tmp_path, spec, message):
+    np.save(tmp_path / "perm.npy", np.arange(20))
+    with pytest.raises(ConfigError, match=message):
+        split_labelled(IDS, spec, seed=0, root=tmp_path, candidates=MASKED)
+
+
+@pytest.mark.parametrize(("spec", "message"), [
+    (1, r"labelled split 1 asks for 1 images, but none of the 20 train images has a mask"),
+    ("1/8", r"labelled split '1/8' selects no images: none of the 20 train images has a mask"),
+])
+def test_no_candidates_at_all(spec, message):
+    with pytest.raises(ConfigError, match=message):
+        split_labelled(IDS, spec, seed=0, candidates=[])
+
+
+def test_split_file_naming_an_unmasked_id_is_a_data_error(tmp_path):
+    path = tmp_path / "labeled.txt"
+    path.write_text(f"{MASKED[1]}\n2007_000005\n")
+    message = r"split file .*labeled\.txt names 1 id without a mask \(only images with masks can be labelled\): "
+    message += r"'2007_000005'$"
+    with pytest.raises(DataError, match=message):
+        split_labelled(IDS, path, seed=0, candidates=MASKED)
+    path.write_text(f"{MASKED[1]}\n{MASKED[0]}\n")
+    labelled, unlabelled = split_labelled(IDS, path, seed=0, candidates=MASKED)
+    assert labelled == [MASKED[1], MASKED[0]] and len(unlabelled) == 18
+
+
+def test_index_file_selecting_an_unmasked_id_is_a_data_error(tmp_path):
+    np.save(tmp_path / "perm.npy", np.array([0, 1, 4]))  # IDS[1] has no mask
+    with pytest.raises(DataError, match=r"index file .*perm\.npy names 1 id without a mask .*: '2007_000001'$"):
+        split_labelled(IDS, "perm.npy:2", seed=0, root=tmp_path, candidates=MASKED)
+    assert split_labelled(IDS, "perm.npy:1", seed=0, root=tmp_path, candidates=MASKED)[0] == [IDS[0]]
+
+
+def test_candidates_must_be_train_ids():
+    with pytest.raises(ValueError, match=r"candidates must be train ids; 1 are not, e.g. 'elsewhere'"):
+        split_labelled(IDS, 1, seed=0, candidates=[IDS[0], "elsewhere"])

@@ -1,7 +1,8 @@
 """Datasets for selftune: layouts on disk, labelled splits, augmentation and loaders.
 
 ``open_dataset(kind, root)`` lists a dataset's samples; ``split_labelled`` picks the labelled
-subset of its train split; ``SegmentationDataset`` + ``make_loader`` turn samples into batches.
+subset of its train split; ``SegmentationDataset`` + ``make_loader`` turn samples into batches
+(``pad=True``, through ``pad_collate``, for images of different sizes).
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from selftune.data.layouts import (
     open_dataset,
     register_layout,
 )
-from selftune.data.loaders import InfiniteLoader, cycle, make_loader
+from selftune.data.loaders import InfiniteLoader, cycle, make_loader, pad_collate
 from selftune.data.splits import split_labelled
 from selftune.data.transforms import eval_transform, weak_augmentation
 
@@ -35,6 +36,7 @@ __all__ = [
     "eval_transform",
     "make_loader",
     "open_dataset",
+    "pad_collate",
     "read_image",
     "read_mask",
     "register_layout",

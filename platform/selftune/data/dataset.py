@@ -31,8 +31,13 @@ class SegmentationDataset(Dataset):
     ``label_map``), ``"none"`` (no file is read; the mask is all 255, for unlabelled images), or a
     folder of pseudo labels ``<folder>/<id>.png`` (already class ids, no ``label_map``).
 
+    ``"ground_truth"`` refuses samples whose ``mask`` is ``None`` (unlabelled images of the
+    folder format): give those ``"none"`` or a pseudo-label folder.
+
     An item is ``{"image": float (3, H, W) ImageNet-normalised, "mask": long (H, W) with 255 =
-    ignore, "valid": bool (H, W) False on pixels added by padding, "id": str, "index": int}``.
+    ignore, "valid": bool (H, W) False on pixels added by padding, "size": long (2,) = (H, W)
+    after the transform, "id": str, "index": int}``. Items of different sizes batch through
+    ``make_loader(..., pad=True)``.
     """
 
     def __init__(
@@ -53,7 +58,7 @@ class SegmentationDataset(Dataset):
         if masks == GROUND_TRUTH:
             missing = next((s for s in self.samples if s.mask is None), None)
             if missing is not None:
-                raise DataError(f"sample {missing.id!r} ({missing.image}) has no ground-truth mask; use masks='none'")
+                raise DataError(_no_mask(missing))
         self._worker_seed: int | None = None
 
     def __len__(self) -> int:
@@ -73,6 +78,7 @@ class SegmentationDataset(Dataset):
             "image": out["image"],
             "mask": out["mask"].long(),
             "valid": torch.from_numpy(np.ascontiguousarray(valid) == 1),
+            "size": torch.tensor(out["image"].shape[-2:], dtype=torch.long),
             "id": sample.id,
             "index": index,
         }
@@ -81,6 +87,8 @@ class SegmentationDataset(Dataset):
         if not self.read_masks:
             return np.full(shape, IGNORE_INDEX, dtype=np.uint8)
         if self.mask_folder is None:
+            if sample.mask is None:  # also checked in __init__; this guards samples edited since
+                raise DataError(_no_mask(sample))
             path, label_map = sample.mask, self.label_map
         else:
             path, label_map = self.mask_folder / f"{sample.id}.png", None
@@ -98,6 +106,13 @@ class SegmentationDataset(Dataset):
         if info is not None and self._worker_seed != info.seed and hasattr(self.transform, "set_random_state"):
             seeded(self.transform, info.seed)
             self._worker_seed = info.seed
+
+
+def _no_mask(sample: Sample) -> str:
+    return (
+        f"sample {sample.id!r} ({sample.image}) has no ground-truth mask; use masks='none' "
+        "(or a pseudo-label folder) for unlabelled images"
+    )
 
 
 def _mask_folder(masks: str | Path) -> Path | None:

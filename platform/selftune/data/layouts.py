@@ -78,7 +78,11 @@ _FOLDER_IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
 @register_layout("folder")
 def open_folder(root: Path, *, num_classes: int | None = None) -> DatasetIndex:
     """``ROOT/images/<id>.png|jpg|jpeg``, ``ROOT/masks/<id>.png`` (class indices, 255 = ignore),
-    ``ROOT/splits/{train,val}.txt`` (one id per line), optional ``ROOT/classes.txt``."""
+    ``ROOT/splits/{train,val}.txt`` (one id per line), optional ``ROOT/classes.txt``.
+
+    A train id may have no mask (an unlabelled image): its ``Sample.mask`` is ``None``, and
+    ``split_labelled(..., candidates=...)`` keeps it out of the labelled set. Every val id needs one.
+    """
     _require_dir(root, "dataset root")
     classes = _folder_classes(root, num_classes)
     splits = {}
@@ -86,7 +90,7 @@ def open_folder(root: Path, *, num_classes: int | None = None) -> DatasetIndex:
         list_file = root / "splits" / f"{split}.txt"
         ids = read_id_file(list_file, depth=0)
         _check_nonempty(ids, list_file)
-        splits[split] = [_folder_sample(root, i, list_file) for i in ids]
+        splits[split] = [_folder_sample(root, i, list_file, need_mask=split == "val") for i in ids]
     return DatasetIndex("folder", root, classes, splits["train"], splits["val"])
 
 
@@ -111,15 +115,19 @@ def _folder_classes(root: Path, num_classes: int | None) -> list[str]:
     return names
 
 
-def _folder_sample(root: Path, sample_id: str, list_file: Path) -> Sample:
+def _folder_sample(root: Path, sample_id: str, list_file: Path, *, need_mask: bool) -> Sample:
     candidates = [root / "images" / f"{sample_id}{suffix}" for suffix in _FOLDER_IMAGE_SUFFIXES]
     image = next((c for c in candidates if c.is_file()), None)
     if image is None:
         raise DataError(f"{list_file} lists id {sample_id!r} but there is no image {candidates[0]} (or .jpg/.jpeg)")
     mask = root / "masks" / f"{sample_id}.png"
-    if not mask.is_file():
+    if mask.is_file():
+        return Sample(sample_id, image, mask)
+    if mask.exists():  # a folder where the mask belongs is a mistake, not an unlabelled image
+        raise DataError(f"{list_file} lists id {sample_id!r} but its mask {mask} is not a file")
+    if need_mask:
         raise DataError(f"{list_file} lists id {sample_id!r} but its mask {mask} does not exist")
-    return Sample(sample_id, image, mask)
+    return Sample(sample_id, image, None)  # an unlabelled training image
 
 
 # ----------------------------------------------------------------------------------------------

@@ -2,13 +2,52 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
 import torch
-from torch.utils.data import DataLoader, Dataset, DistributedSampler
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, default_collate
 
+from selftune.data.index import IGNORE_INDEX
 from selftune.errors import ConfigError
+
+# What pad_collate fills the area it adds with, per item key (every other key collates as usual).
+_PAD_FILL: dict[str, float | int | bool] = {"image": 0.0, "mask": IGNORE_INDEX, "valid": False}
+
+
+def pad_collate(items: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+    """Batch ``SegmentationDataset`` items of different sizes.
+
+    Each item is padded at the bottom and right to the largest height and width in the batch:
+    ``image`` with 0 (after normalisation), ``mask`` with 255 (ignored by losses and metrics) and
+    ``valid`` with False. ``size`` is a long (B, 2) tensor of every item's own (H, W) (from the
+    item's ``size``, else its image), so a prediction can be cropped back with
+    ``pred[k, :, :h, :w]``. Other entries collate as ``default_collate`` does; a batch of equal
+    sizes comes out exactly as ``default_collate`` would make it.
+    """
+    if not items:
+        raise ValueError("pad_collate needs at least one item")
+    if not all(isinstance(item, Mapping) and "image" in item for item in items):
+        raise TypeError("pad_collate batches dict items with an 'image' tensor (as SegmentationDataset returns)")
+    sizes = torch.tensor([tuple(item["image"].shape[-2:]) for item in items], dtype=torch.long)
+    height, width = (int(v) for v in sizes.max(dim=0).values)
+    batch: dict[str, Any] = {}
+    for key in items[0]:
+        values = [item[key] for item in items]
+        batch[key] = _pad_stack(values, key, height, width) if key in _PAD_FILL else default_collate(values)
+    batch.setdefault("size", sizes)
+    return batch
+
+
+def _pad_stack(values: list[torch.Tensor], key: str, height: int, width: int) -> torch.Tensor:
+    first = values[0]
+    out = torch.full((len(values), *first.shape[:-2], height, width), _PAD_FILL[key], dtype=first.dtype)
+    for k, value in enumerate(values):
+        if value.shape[:-2] != first.shape[:-2]:
+            raise ValueError(f"pad_collate: {key!r} of item {k} has shape {tuple(value.shape)}, "
+                             f"item 0 has {tuple(first.shape)}; only the last two (H, W) may differ")
+        out[k, ..., : value.shape[-2], : value.shape[-1]] = value
+    return out
 
 
 def make_loader(
@@ -21,12 +60,18 @@ def make_loader(
     world_size: int = 1,
     seed: int = 0,
     drop_last: bool = False,
+    pad: bool = False,
 ) -> DataLoader:
     """Batches of this worker's shard of ``dataset``.
 
     With ``world_size > 1`` a ``DistributedSampler`` shards the data (the same ``seed`` on every
     rank, so the shards are disjoint); call ``loader.sampler.set_epoch(epoch)`` each epoch, or
     iterate through ``cycle``. Otherwise shuffling draws from a generator seeded with ``seed``.
+
+    ``pad=True`` batches items of different sizes (un-resized VOC images for evaluation or
+    pseudo-labelling) through ``pad_collate``: padded to the batch's largest H and W, mask 255 and
+    ``valid`` False in the padding, each item's own size in ``batch["size"]``. Without it items
+    must share one size (``default_collate``).
     """
     if batch_size < 1:
         raise ConfigError(f"batch_size must be at least 1, got {batch_size}")
@@ -50,6 +95,7 @@ def make_loader(
         pin_memory=torch.cuda.is_available(),
         drop_last=drop_last,
         generator=generator,
+        collate_fn=pad_collate if pad else None,
     )
 
 

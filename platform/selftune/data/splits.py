@@ -18,6 +18,12 @@ Split files accepted (relative paths are resolved against the dataset root):
 * ``.pkl`` / ``.npy`` holding a permutation of train indices (CutMix-Seg's ``split_0.pkl``): the
   labelled set is its first n entries, so the count is part of the spec: ``"split_0.pkl:106"``.
   Indices refer to ``train_ids`` in the order given (the layout's order: the list file's for VOC).
+
+Images without masks: ``candidates`` names the train ids that may be labelled (those that have a
+mask; default: all of them). Counts and fractions then draw from the candidates only, and a
+fraction is of the *candidate* count (``"1/8"`` of 40 masked images among 1 000 is 5); a split or
+index file may select candidates only. Every train id not selected, masked or not, is unlabelled.
+When every id is a candidate the result is exactly what it is without ``candidates``.
 """
 
 from __future__ import annotations
@@ -46,76 +52,136 @@ _VALID = (
 
 
 def split_labelled(
-    train_ids: Sequence[str], spec: int | float | str | Path, *, seed: int, root: Path | None = None
+    train_ids: Sequence[str],
+    spec: int | float | str | Path,
+    *,
+    seed: int,
+    root: Path | None = None,
+    candidates: Sequence[str] | None = None,
 ) -> tuple[list[str], list[str]]:
     """Split ``train_ids`` into (labelled, unlabelled) according to ``spec``.
 
+    ``candidates`` are the ids eligible to be labelled (the train images that have masks; ``None``:
+    all). A count or fraction draws from them only, a fraction being of the candidate count; a
+    split file that names a non-candidate is a ``DataError``.
+
     Labelled ids come in selection order (permutation or file order); unlabelled ids are the
-    remaining train ids in their given order.
+    remaining train ids in their given order, candidates or not.
     """
     ids = list(train_ids)
     if len(set(ids)) != len(ids):
         raise DataError("train ids are not unique; a dataset must list every training image once")
-    labelled = _select(ids, spec, seed, root)
+    pool = _Pool(ids, _eligible(ids, candidates))
+    labelled = _select(pool, spec, seed, root)
     chosen = set(labelled)
     return labelled, [i for i in ids if i not in chosen]
 
 
-def _select(ids: list[str], spec: int | float | str | Path, seed: int, root: Path | None) -> list[str]:
+class _Pool:
+    """The train ids and those of them that may be labelled (``eligible``, in train order)."""
+
+    def __init__(self, ids: list[str], eligible: list[str]) -> None:
+        self.ids = ids
+        self.eligible = eligible
+        self.restricted = len(eligible) < len(ids)  # some train images have no mask
+
+    def check_count(self, n: int, spec: object) -> int:
+        size = len(self.eligible)
+        if 1 <= n <= size:
+            return n
+        if not self.restricted:
+            raise ConfigError(
+                f"labelled split {spec!r} asks for {n} images; the count must be in 1..{size} (the train set)"
+            )
+        if size == 0:
+            raise ConfigError(
+                f"labelled split {spec!r} asks for {n} images, but none of the {len(self.ids)} train images has a mask"
+            )
+        raise ConfigError(
+            f"labelled split {spec!r} asks for {n} images, but only {size} of the {len(self.ids)} train images "
+            f"have masks; the count must be in 1..{size}"
+        )
+
+    def check_eligible(self, labelled: list[str], source: str) -> list[str]:
+        if self.restricted:
+            eligible = set(self.eligible)
+            unmasked = [i for i in labelled if i not in eligible]
+            if unmasked:
+                shown = ", ".join(repr(i) for i in unmasked[:3]) + (", ..." if len(unmasked) > 3 else "")
+                ids = "id" if len(unmasked) == 1 else "ids"
+                raise DataError(
+                    f"{source} names {len(unmasked)} {ids} without a mask (only images with masks can be "
+                    f"labelled): {shown}"
+                )
+        return labelled
+
+
+def _eligible(ids: list[str], candidates: Sequence[str] | None) -> list[str]:
+    if candidates is None:
+        return ids
+    if isinstance(candidates, str):
+        raise TypeError("candidates must be a sequence of ids, not a single string")
+    chosen = set(candidates)
+    unknown = chosen - set(ids)
+    if unknown:
+        raise ValueError(f"candidates must be train ids; {len(unknown)} are not, e.g. {min(unknown)!r}")
+    return [i for i in ids if i in chosen]
+
+
+def _select(pool: _Pool, spec: int | float | str | Path, seed: int, root: Path | None) -> list[str]:
     if isinstance(spec, os.PathLike):
         spec = os.fspath(spec)
-    count = _requested_count(spec, len(ids))
+    count = _requested_count(spec, pool)
     if count is not None:
-        return _first(ids, count, seed)
+        return _first(pool.eligible, count, seed)
     text = str(spec).strip()
     if index_file := _INDEX_FILE.match(text):
         count_text = index_file["count"].strip()
         if not _COUNT.match(count_text):
             raise ConfigError(f"labelled split {spec!r}: the count after ':' must be an integer, e.g. split_0.pkl:106")
         path = _resolve(index_file["path"], root, spec)
-        return _from_index_file(ids, path, _check_count(int(count_text), len(ids), spec))
+        labelled = _from_index_file(pool.ids, path, pool.check_count(int(count_text), spec))
+        return pool.check_eligible(labelled, f"index file {path}")
     if text.lower().endswith((".pkl", ".npy")):
         raise ConfigError(f"labelled split {spec!r} is an index file; add the labelled count, e.g. {text}:106")
-    return _from_id_file(ids, _resolve(text, root, spec))
+    path = _resolve(text, root, spec)
+    return pool.check_eligible(_from_id_file(pool.ids, path), f"split file {path}")
 
 
-def _requested_count(spec: object, total: int) -> int | None:
+def _requested_count(spec: object, pool: _Pool) -> int | None:
     """The labelled count a numeric spec asks for; ``None`` when ``spec`` names a file."""
     if isinstance(spec, bool):
         raise ConfigError(f"labelled split {spec!r} is not valid; use {_VALID}")
     if isinstance(spec, numbers.Integral):
-        return _check_count(int(spec), total, spec)
+        return pool.check_count(int(spec), spec)
     if isinstance(spec, numbers.Real):
         if not math.isfinite(spec):
             raise ConfigError(f"labelled split {spec!r} is not valid; use {_VALID}")
-        return _fraction_count(Fraction(float(spec)).limit_denominator(10**6), total, spec)
+        return _fraction_count(Fraction(float(spec)).limit_denominator(10**6), pool, spec)
     if not isinstance(spec, str):
         raise ConfigError(f"labelled split {spec!r} has type {type(spec).__name__}; use {_VALID}")
     text = spec.strip()
     if _COUNT.match(text):
-        return _check_count(int(text), total, spec)
+        return pool.check_count(int(text), spec)
     if ratio := _RATIO.match(text):
         numerator, denominator = int(ratio[1]), int(ratio[2])
         if denominator == 0:
             raise ConfigError(f"labelled split {spec!r} divides by zero; use {_VALID}")
-        return _fraction_count(Fraction(numerator, denominator), total, spec)
+        return _fraction_count(Fraction(numerator, denominator), pool, spec)
     if _DECIMAL.match(text):
-        return _fraction_count(Fraction(text).limit_denominator(10**6), total, spec)
+        return _fraction_count(Fraction(text).limit_denominator(10**6), pool, spec)
     return None
 
 
-def _check_count(n: int, total: int, spec: object) -> int:
-    if not 1 <= n <= total:
-        raise ConfigError(
-            f"labelled split {spec!r} asks for {n} images; the count must be in 1..{total} (the train set)"
-        )
-    return n
-
-
-def _fraction_count(fraction: Fraction, total: int, spec: object) -> int:
+def _fraction_count(fraction: Fraction, pool: _Pool, spec: object) -> int:
+    """``ceil(f * number of candidates)``: a fraction is of the images that can be labelled."""
     if not 0 < fraction <= 1:
         raise ConfigError(f"labelled split {spec!r} is a fraction outside (0, 1]; use e.g. 1/8 or 0.125")
-    return math.ceil(total * fraction)  # exact: Fraction arithmetic, no float round-off
+    n = math.ceil(len(pool.eligible) * fraction)  # exact: Fraction arithmetic, no float round-off
+    if n == 0:  # only when there is nothing to draw from
+        reason = f"none of the {len(pool.ids)} train images has a mask" if pool.ids else "the train set is empty"
+        raise ConfigError(f"labelled split {spec!r} selects no images: {reason}")
+    return n
 
 
 def _first(ids: list[str], n: int, seed: int) -> list[str]:
