@@ -1,0 +1,117 @@
+"""Engine overhead: one supervised stage run through selftune vs a bare PyTorch loop doing the
+same work, measured side by side in one process.
+
+selftune side: ``run_stage`` — Ray Train (local mode by default), the worker context, the shared
+training loop, per-epoch MLflow logging to a temporary SQLite store, best-checkpoint saving and
+the confusion-matrix picture.
+bare side: the same model (same initial weights), the same data loaders, optimizer, LR schedule,
+number of steps, per-epoch evaluation and best-checkpoint ``torch.save``, written as a plain loop.
+
+Runs alternate (bare, selftune, bare, selftune, …) and the medians are compared. Goal: ratio <= 1.05.
+
+    python benchmarks/engine_overhead.py [--epochs 8] [--steps 50] [--repeats 3] [--set KEY=VALUE ...]
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from selftune.config import load_pipeline
+from selftune.data import IGNORE_INDEX
+from selftune.engine.context import WorkerContext
+from selftune.engine.loop import cycle, make_lr_schedule, make_optimizer
+from selftune.metrics import ConfusionMatrix
+from selftune.models import build_model
+from selftune.stages import StageJob
+from selftune.stages.data import evaluation_loader, prepare_data, training_loader
+from selftune.tracking import KIND_STAGE, create_run, ensure_experiment, finish_run
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def bare_pytorch(pipeline, out: Path) -> float:
+    """The same work as the supervised stage, as a plain loop."""
+    stage = pipeline.stages[0]
+    ctx = WorkerContext.local(device="cpu")
+    data = prepare_data(pipeline.data, pipeline.seed)
+    started = time.perf_counter()
+    torch.manual_seed(pipeline.seed)
+    model = build_model(pipeline.model.name, data.num_classes, **pipeline.model.options)
+    optimizer = make_optimizer(model, stage.optimizer)
+    schedule = make_lr_schedule(optimizer, stage.optimizer, stage.epochs * stage.steps_per_epoch)
+    batches = cycle(training_loader(data, data.labelled, pipeline.data, ctx, batch_size=stage.batch_size, seed=pipeline.seed))
+    val = evaluation_loader(data, data.index.val, pipeline.data, ctx)
+    best = -1.0
+    for _ in range(stage.epochs):
+        model.train()
+        for _ in range(stage.steps_per_epoch):
+            batch = next(batches)
+            loss = F.cross_entropy(model(batch["image"]), batch["mask"], ignore_index=IGNORE_INDEX)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            schedule.step()
+        model.eval()
+        confusion = ConfusionMatrix(data.num_classes)
+        with torch.no_grad():
+            for batch in val:
+                confusion.update(model(batch["image"]).argmax(1), batch["mask"])
+        if confusion.miou() > best:
+            best = confusion.miou()
+            torch.save(model.state_dict(), out / "bare.pt")
+    return time.perf_counter() - started
+
+
+def through_selftune(pipeline, out: Path, tracking_uri: str, experiment_id: str, repeat: int) -> float:
+    from selftune.engine.ray_train import run_stage
+
+    stage_dir = out / f"stage-{repeat}"
+    stage_dir.mkdir()
+    run_id = create_run(tracking_uri, experiment_id, name="overhead", kind=KIND_STAGE)
+    job = StageJob(pipeline=pipeline, stage_index=0, output_dir=str(stage_dir), tracking_uri=tracking_uri, run_id=run_id)
+    started = time.perf_counter()
+    run_stage(job, pipeline.resources, storage_path=out / "ray")
+    seconds = time.perf_counter() - started
+    finish_run(tracking_uri, run_id, "FINISHED")
+    return seconds
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--pipeline", default=str(REPO / "pipelines" / "quickstart.yaml"))
+    parser.add_argument("--epochs", type=int, default=8)
+    parser.add_argument("--steps", type=int, default=50)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--set", dest="overrides", action="append", default=[])
+    args = parser.parse_args()
+    first = load_pipeline(args.pipeline).stages[0].name
+    overrides = [f"stages.{first}.epochs={args.epochs}", f"stages.{first}.steps_per_epoch={args.steps}", *args.overrides]
+    pipeline = load_pipeline(args.pipeline, overrides)
+    pipeline = pipeline.model_copy(update={"stages": pipeline.stages[:1]})
+    print(f"stage {first!r}: {args.epochs} epochs x {args.steps} steps, model {pipeline.model.name}, "
+          f"workers={pipeline.resources.workers}, torch threads={torch.get_num_threads()}")
+
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp)
+        tracking_uri = f"sqlite:///{out / 'mlflow.db'}"
+        experiment_id = ensure_experiment(tracking_uri, "engine-overhead")
+        prepare_data(pipeline.data, pipeline.seed)  # dataset generation is not engine time
+        bare, engine = [], []
+        for repeat in range(args.repeats):
+            bare.append(bare_pytorch(pipeline, out))
+            engine.append(through_selftune(pipeline, out, tracking_uri, experiment_id, repeat))
+            print(f"  repeat {repeat + 1}: bare {bare[-1]:.2f}s  selftune {engine[-1]:.2f}s")
+    ratio = statistics.median(engine) / statistics.median(bare)
+    print(f"median bare PyTorch {statistics.median(bare):.2f}s, selftune stage {statistics.median(engine):.2f}s")
+    print(f"ratio selftune / bare = {ratio:.3f}  (goal <= 1.05: {'met' if ratio <= 1.05 else 'NOT met'})")
+
+
+if __name__ == "__main__":
+    main()

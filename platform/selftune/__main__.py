@@ -1,0 +1,5 @@
+import sys
+
+from selftune.cli import main
+
+sys.exit(main())

@@ -1,0 +1,81 @@
+"""The data a stage trains and evaluates on: the dataset index, the labelled/unlabelled split and
+the loaders. The split is a pure function of (dataset, ``data.labelled``, seed), so the driver and
+every worker compute the same one."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+from torch.utils.data import DataLoader, Subset
+
+from selftune.config import DataConfig
+from selftune.data import (
+    DatasetIndex,
+    Sample,
+    SegmentationDataset,
+    eval_transform,
+    make_loader,
+    open_dataset,
+    split_labelled,
+    weak_augmentation,
+)
+from selftune.engine.context import WorkerContext
+
+
+@dataclass(frozen=True)
+class StageData:
+    index: DatasetIndex
+    labelled: list[Sample]
+    unlabelled: list[Sample]
+
+    @property
+    def num_classes(self) -> int:
+        return self.index.num_classes
+
+    @property
+    def class_names(self) -> list[str]:
+        return self.index.classes
+
+
+def prepare_data(config: DataConfig, seed: int) -> StageData:
+    """Open the dataset (generating the synthetic one on first use) and split its train set."""
+    index = open_dataset(config.dataset, config.root, **config.options)
+    by_id = {sample.id: sample for sample in index.train}
+    with_masks = [sample.id for sample in index.train if sample.mask is not None]
+    labelled_ids, unlabelled_ids = split_labelled(
+        list(by_id), config.labelled, seed=seed, root=index.root, candidates=with_masks,
+    )
+    return StageData(index, [by_id[i] for i in labelled_ids], [by_id[i] for i in unlabelled_ids])
+
+
+def training_loader(
+    data: StageData, samples: Sequence[Sample], config: DataConfig, ctx: WorkerContext, *,
+    batch_size: int, seed: int, masks: str | Path = "ground_truth",
+) -> DataLoader:
+    """Weakly augmented (scale, crop, flip) shuffled batches of this worker's shard."""
+    dataset = SegmentationDataset(
+        samples, num_classes=data.num_classes, masks=masks, label_map=data.index.label_map,
+        transform=weak_augmentation(config.crop_size, scale_range=config.scale_range, hflip=config.hflip),
+    )
+    return make_loader(
+        dataset, batch_size=batch_size, shuffle=True, num_workers=config.loader_workers,
+        rank=ctx.rank, world_size=ctx.world_size, seed=seed, drop_last=len(dataset) >= batch_size * ctx.world_size,
+    )
+
+
+def evaluation_loader(
+    data: StageData, samples: Sequence[Sample], config: DataConfig, ctx: WorkerContext, *, masks: str = "ground_truth",
+) -> DataLoader:
+    """Un-augmented batches of this worker's exact shard (every sample seen once across workers,
+    unlike DistributedSampler, which pads with repeats and would skew the confusion matrix).
+    Images of different sizes are padded per batch (mask 255 there); ``batch["size"]`` keeps each
+    image's own (H, W)."""
+    dataset = SegmentationDataset(
+        samples, num_classes=data.num_classes, masks=masks, label_map=data.index.label_map, transform=eval_transform(),
+    )
+    shard = Subset(dataset, range(ctx.rank, len(dataset), ctx.world_size))
+    return make_loader(
+        shard, batch_size=config.eval_batch_size, shuffle=False, num_workers=config.loader_workers, pad=True,
+    )
