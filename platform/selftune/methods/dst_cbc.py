@@ -1,0 +1,309 @@
+"""DST-CBC (Feng et al.): dynamic self-training loss and class-balanced curriculum pseudo labels.
+
+* ``dynamic_self_training_loss``: eqs. 1-2, cross-entropy on pseudo labels weighted per pixel by
+  the *current* model's probability of the pseudo label to the power gamma.
+* ``class_balanced_thresholds`` + ``class_balanced_pseudo_labels``: Algorithm 1 / eq. 6, keep the
+  top alpha fraction of each predicted class. ``class_balanced_thresholds_reference`` is the
+  authors' numpy procedure, kept for benchmarks and as the test oracle of the fast version.
+
+The alpha curriculum over rounds (0.2, 0.4, ..., 1.0) is a ``selftune.schedules`` spec:
+``{"shape": "linear", "start": 0.2, "end": 1.0}`` over 5 rounds.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from selftune.methods.common import IGNORE_INDEX
+
+__all__ = [
+    "class_balanced_pseudo_labels",
+    "class_balanced_thresholds",
+    "class_balanced_thresholds_reference",
+    "dynamic_self_training_loss",
+    "dynamic_weights",
+]
+
+
+# --------------------------------------------------------------------------------------------
+# Dynamic self-training loss (eqs. 1-2)
+# --------------------------------------------------------------------------------------------
+
+
+def _target_log_prob(
+    logits: torch.Tensor, target: torch.Tensor, ignore_index: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(log p[target] (B, H, W) with graph, valid mask (B, H, W)); ignored pixels gather class 0."""
+    valid = target != ignore_index
+    safe_target = torch.where(valid, target, torch.zeros_like(target))
+    log_probs = F.log_softmax(logits, dim=1)  # (B, C, H, W)
+    return log_probs.gather(1, safe_target[:, None])[:, 0], valid
+
+
+def dynamic_weights(
+    logits: torch.Tensor,
+    pseudo_labels: torch.Tensor,
+    gamma: float,
+    ignore_index: int = IGNORE_INDEX,
+) -> torch.Tensor:
+    """Eq. 2: ``omega = p_cur[pseudo label] ** gamma`` per pixel, detached; 0 at ignored pixels.
+
+    logits: (B, C, H, W) of the model being trained; pseudo_labels: (B, H, W) long.
+    Returns (B, H, W) float without gradient. Computed as ``exp(gamma * log p)``, which is exact
+    for gamma = 0 (weight 1) and does not underflow before the power is taken.
+    """
+    with torch.no_grad():
+        log_p, valid = _target_log_prob(logits.detach(), pseudo_labels, ignore_index)
+        return torch.exp(gamma * log_p) * valid
+
+
+def dynamic_self_training_loss(
+    logits: torch.Tensor,
+    pseudo_labels: torch.Tensor,
+    gamma: float,
+    ignore_index: int = IGNORE_INDEX,
+    weight_mask: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Eqs. 1-2: ``sum(omega * CE) / #non-ignored pixels`` with ``omega = p_cur[y]^gamma``.
+
+    logits: (B, C, H, W) raw scores of the current model; pseudo_labels: (B, H, W) long, with
+    ``ignore_index`` where a pixel carries no label. ``p_cur[y]`` is the softmax probability the
+    current model gives the label, recomputed on the fly and detached (the weight is not
+    back-propagated through, as in the paper and the authors' code).
+
+    weight_mask: which labels are pseudo labels and get the dynamic weight — bool, (B,) per image
+    or (B, H, W) per pixel; False marks ground-truth labels, which weigh 1. The authors train on
+    one batch ``cat([pseudo-labelled, labelled])`` and weight only the pseudo-labelled images, i.e.
+    ``weight_mask = torch.arange(B) < n_pseudo``. None: every label is a pseudo label.
+
+    Normalisation follows the authors' code (the paper writes an unnormalised sum): divide by the
+    number of non-ignored pixels in the whole batch, *not* by the sum of the weights, so a large
+    gamma shrinks the pseudo-label term. gamma = 0 is exactly the masked-mean cross-entropy
+    (``F.cross_entropy(..., ignore_index=ignore_index)``). Every pixel ignored -> 0, graph kept.
+    """
+    if gamma < 0:
+        raise ValueError(f"dynamic_self_training_loss: gamma must be >= 0, but got gamma={gamma}")
+    log_p, valid = _target_log_prob(logits, pseudo_labels, ignore_index)  # (B, H, W)
+    count = valid.sum().clamp(min=1)  # all ignored: 0 / 1, still on the graph, no host sync
+    weights = torch.exp(gamma * log_p.detach())  # p^gamma, (B, H, W), no gradient
+    if weight_mask is not None:
+        dynamic = _broadcast_mask(weight_mask, pseudo_labels.shape)
+        weights = torch.where(dynamic, weights, torch.ones_like(weights))
+    cross_entropy = -log_p * valid  # (B, H, W), 0 at ignored pixels
+    return (weights * cross_entropy).sum() / count
+
+
+def _broadcast_mask(mask: torch.Tensor, shape: torch.Size) -> torch.Tensor:
+    """A (B,) or (B, H, W) bool mask as (B, H, W)."""
+    mask = mask.to(torch.bool)
+    if mask.dim() == 1:
+        if mask.shape[0] != shape[0]:
+            raise ValueError(f"weight_mask has {mask.shape[0]} entries but the batch has {shape[0]} images")
+        return mask.view(-1, *([1] * (len(shape) - 1))).expand(shape)
+    if mask.shape != shape:
+        raise ValueError(f"weight_mask must be (B,) or {tuple(shape)}, but got {tuple(mask.shape)}")
+    return mask
+
+
+# --------------------------------------------------------------------------------------------
+# Class-balanced thresholds (Algorithm 1, lines 1-12)
+# --------------------------------------------------------------------------------------------
+
+# Radix digits over the 32 bits of an order-preserving integer image of a float32: three passes
+# at most, after which the candidates left in each class have bit-identical confidences.
+_DIGITS = ((18, 14), (8, 10), (0, 8))  # (shift, width)
+
+
+def _ordered_int32(values: torch.Tensor) -> torch.Tensor:
+    """int32 whose signed order equals the float order of ``values`` (float32, no NaN).
+
+    Non-negative floats already order like their bit patterns; for negative ones the 31 value
+    bits are flipped. (-0.0 lands just below +0.0, which no comparison ``p >= t`` can notice.)
+    """
+    bits = values.view(torch.int32)
+    return bits ^ ((bits >> 31) & 0x7FFFFFFF)
+
+
+def _kth_largest_bits(
+    keys: torch.Tensor, classes: torch.Tensor, k: torch.Tensor, num_classes: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Radix selection of each class's k-th largest key.
+
+    keys: (M,) int32 from ``_ordered_int32``; classes: (M,) int32; k: (C,) int64, 1-based rank
+    from the top (0 for a class with no element). Per digit: histogram (class, digit), find the
+    bucket that holds each class's k-th largest, keep only that bucket and shift k by the number
+    of elements in higher buckets. One ``bincount`` pass per digit, O(M).
+
+    Returns (candidates, k_left): ``candidates`` indexes ``keys``; for class c the candidates all
+    carry the k[c]-th largest key of class c, and ``k_left[c]`` is the rank among them (1-based,
+    from the top) of the k[c]-th largest element: ``k[c] - k_left[c]`` elements of c are larger.
+    """
+    device = keys.device
+    alive: torch.Tensor | None = None  # indices into ``keys`` of the elements still in the race
+    cur_keys, cur_classes = keys, classes
+    active = k > 0
+    for shift, width in _DIGITS:
+        radix = 1 << width
+        if shift + width == 32:  # top digit of a signed int: [-2^(w-1), 2^(w-1)) -> [0, 2^w)
+            digit = (cur_keys >> shift) + (radix >> 1)
+        else:
+            digit = (cur_keys >> shift) & (radix - 1)
+        flat = digit.add_(cur_classes * radix)  # (M',) int32 bucket id = class * R + digit
+        hist = torch.bincount(flat, minlength=num_classes * radix).view(num_classes, radix)
+        at_least = hist.flip(1).cumsum(1).flip(1)  # (C, R): elements whose digit >= r
+        bucket = ((at_least >= k[:, None]).sum(1) - 1).clamp(min=0)  # last r with at_least >= k
+        higher = at_least.gather(1, (bucket + 1).clamp(max=radix - 1)[:, None])[:, 0]
+        higher = torch.where(bucket + 1 < radix, higher, torch.zeros_like(higher))
+        k = torch.where(active, k - higher, k)
+        wanted = torch.arange(num_classes, device=device) * radix + bucket
+        wanted = torch.where(active, wanted, torch.full_like(wanted, -1)).to(torch.int32)
+        keep = torch.nonzero(flat == wanted[cur_classes]).flatten()  # (M'',)
+        alive = keep if alive is None else alive[keep]
+        cur_keys, cur_classes = cur_keys[keep], cur_classes[keep]
+    assert alive is not None
+    return alive, k
+
+
+def class_balanced_thresholds(
+    confidence: torch.Tensor,
+    prediction: torch.Tensor,
+    num_classes: int,
+    alpha: float,
+    *,
+    sample_every: int = 1,
+) -> torch.Tensor:
+    """Per-class confidence thresholds that keep the top ``alpha`` fraction of each class.
+
+    confidence: max softmax probability per pixel, any shape (e.g. (N, H, W)), floating;
+    prediction: argmax class per pixel, same shape, long in [0, num_classes).
+    Returns thresholds (num_classes,) in confidence's dtype; a pixel predicted as c is kept when
+    ``confidence >= thresholds[c]`` (see ``class_balanced_pseudo_labels``).
+
+    The rule is the authors' code (Algorithm 1 line 12 of the paper indexes ``r[alpha * n]`` of an
+    ascending sort, which read literally keeps the *bottom*): confidences are flattened in memory
+    order and every ``sample_every``-th one is kept (the authors use 16, i.e. 6.25 % of the
+    pixels; the paper says 5-10 % is enough); for a class with n sampled pixels the threshold is
+    the ``k``-th largest sampled value with ``k = min(int(n * alpha) + 1, n)``. Ties count once
+    per pixel, so with ``p >= t`` every pixel tied with the k-th value is also kept: about
+    ``int(n * alpha) + 1`` sampled pixels pass, one more than "top alpha".
+
+    Edge cases: ``alpha = 1`` gives ``-inf`` for every class, so every pixel is kept (the authors
+    use 1e-4, which keeps every softmax maximum as max >= 1/C); ``alpha = 0`` keeps the most
+    confident sampled value of each class (and its ties); a class with no sampled pixel gets
+    ``+inf`` and keeps nothing (the authors' code crashes on an empty class).
+
+    Speed: no sort. An exact radix selection on the float32 bit patterns takes three histogram
+    passes (``torch.bincount``) over the sampled pixels, so the cost is linear in the number of
+    pixels for any number of classes, on CPU or GPU, and a mass of identical confidences (softmax
+    saturating at 1.0) costs nothing extra. float64 confidences are ranked at float32 precision
+    and the tie among values that share a float32 image is broken exactly by a sort of those few.
+    """
+    if not 0.0 <= alpha <= 1.0:
+        raise ValueError(f"class_balanced_thresholds: alpha must lie in [0, 1], but got alpha={alpha}")
+    if sample_every < 1:
+        raise ValueError(f"class_balanced_thresholds: sample_every must be >= 1, but got {sample_every}")
+    if confidence.shape != prediction.shape:
+        raise ValueError(
+            f"confidence {tuple(confidence.shape)} and prediction {tuple(prediction.shape)} must have the same shape"
+        )
+    if not confidence.is_floating_point():
+        raise ValueError(f"confidence must be a floating tensor, but got {confidence.dtype}")
+    dtype, device = confidence.dtype, confidence.device
+    if alpha >= 1.0:
+        return torch.full((num_classes,), -math.inf, dtype=dtype, device=device)
+    conf = confidence.reshape(-1)[::sample_every].contiguous()  # (M,)
+    pred = prediction.reshape(-1)[::sample_every].to(torch.int32).contiguous()  # (M,)
+    thresholds = torch.full((num_classes,), math.inf, dtype=dtype, device=device)
+    if conf.numel() == 0:
+        return thresholds
+    if num_classes * (1 << max(width for _, width in _DIGITS)) >= 2**31:
+        raise ValueError(f"class_balanced_thresholds: num_classes={num_classes} is too large")
+    if bool(torch.isnan(conf).any()):
+        raise ValueError("class_balanced_thresholds: confidence holds NaN")
+    try:
+        counts = torch.bincount(pred, minlength=num_classes)  # (C,) sampled pixels per class
+    except RuntimeError:  # negative values
+        counts = torch.empty(0)
+    if counts.numel() != num_classes:
+        low, high = int(pred.min()), int(pred.max())
+        raise ValueError(f"prediction holds class {low if low < 0 else high} but classes are 0..{num_classes - 1}")
+
+    # int(n * alpha) in float64, exactly as Python's int(len(r) * alpha) in the authors' code.
+    k = torch.minimum(torch.floor(counts.to(torch.float64) * alpha).to(torch.int64) + 1, counts)
+    keys = _ordered_int32(conf if dtype == torch.float32 else conf.to(torch.float32))
+    candidates, k_left = _kth_largest_bits(keys, pred, k, num_classes)
+    chosen_conf, chosen_pred = conf[candidates], pred[candidates].to(torch.int64)
+    if dtype != torch.float64:
+        # float32 and narrower: a class's candidates are one and the same value; take any.
+        thresholds.index_put_((chosen_pred,), chosen_conf)
+        return thresholds
+    # float64: candidates share a float32 image but may differ; rank them exactly. Group by class
+    # with ascending values inside, then the k_left-th largest of class c sits k_left from its end.
+    ascending, order = torch.sort(chosen_conf)
+    by_class, regroup = torch.sort(chosen_pred[order], stable=True)
+    values = ascending[regroup]
+    per_class = torch.bincount(by_class, minlength=num_classes)
+    end = per_class.cumsum(0)
+    present = counts > 0
+    thresholds[present] = values[(end - k_left)[present]]
+    return thresholds
+
+
+def class_balanced_thresholds_reference(
+    confidence: np.ndarray,
+    prediction: np.ndarray,
+    num_classes: int,
+    alpha: float,
+    *,
+    sample_every: int = 16,
+) -> np.ndarray:
+    """The authors' threshold procedure in numpy, for benchmarks and as the tests' oracle.
+
+    Same inputs and result as ``class_balanced_thresholds`` (numpy arrays instead of tensors):
+    flatten, keep every ``sample_every``-th value, ``np.sort`` each class's values ascending and
+    take ``sorted[-int(n * alpha) - 1]``. The authors' special cases are replaced by the same
+    documented ones as the fast version (alpha = 1 -> -inf for all, empty class -> +inf) so the
+    two agree everywhere.
+    """
+    conf = np.asarray(confidence).reshape(-1)[::sample_every]
+    pred = np.asarray(prediction).reshape(-1)[::sample_every]
+    if alpha >= 1.0:
+        return np.full(num_classes, -np.inf, dtype=conf.dtype)
+    thresholds = np.full(num_classes, np.inf, dtype=conf.dtype)
+    for cls in range(num_classes):
+        ranked = np.sort(conf[pred == cls])
+        if len(ranked):
+            thresholds[cls] = ranked[-min(int(len(ranked) * alpha), len(ranked) - 1) - 1]
+    return thresholds
+
+
+def class_balanced_pseudo_labels(
+    probs: torch.Tensor,
+    thresholds: torch.Tensor,
+    global_threshold: float | None = None,
+    ignore_index: int = IGNORE_INDEX,
+) -> torch.Tensor:
+    """Algorithm 1 lines 13-18 + eq. 6: class-balanced pseudo labels, ``ignore_index`` if not kept.
+
+    probs: (B, C, H, W) softmax probabilities; thresholds: (C,) from ``class_balanced_thresholds``.
+    Returns (B, H, W) long.
+
+    Rule of the authors' successor code (DMT): ``label = argmax p``, kept when
+    ``max p >= thresholds[label]``. (The original DST-CBC code used ``argmax_c p_c / t_c``, which
+    can pick a non-argmax class; its author called that wrong.) ``global_threshold`` T (eq. 6)
+    additionally requires ``max p > T`` — strict, as eq. 6 and the authors' fixed-threshold
+    ablation write it. None: no global threshold (the paper's main setting).
+    """
+    if thresholds.shape != (probs.shape[1],):
+        raise ValueError(
+            f"thresholds must be ({probs.shape[1]},) for {probs.shape[1]} classes, got {tuple(thresholds.shape)}"
+        )
+    confidence, labels = probs.max(dim=1)  # (B, H, W) each
+    keep = confidence >= thresholds.to(confidence.device, confidence.dtype)[labels]
+    if global_threshold is not None:
+        keep &= confidence > global_threshold
+    return torch.where(keep, labels, torch.full_like(labels, ignore_index))

@@ -1,0 +1,80 @@
+"""Shared pieces: the EMA teacher, U2PL's momentum warm-up, masked cross-entropy, label resizing."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from selftune.methods import common
+
+IGNORE = 255
+
+
+def _pair() -> tuple[nn.Module, nn.Module]:
+    student = nn.Sequential(nn.Conv2d(1, 2, 1), nn.BatchNorm2d(2))
+    teacher = copy.deepcopy(student)
+    for tensor in teacher.state_dict().values():
+        tensor.zero_() if tensor.is_floating_point() else tensor.fill_(3)
+    for tensor in student.state_dict().values():
+        tensor.fill_(1.0) if tensor.is_floating_point() else tensor.fill_(7)
+    return teacher, student
+
+
+def test_ema_moves_every_float_entry_towards_the_student():
+    teacher, student = _pair()
+    common.ema_update(teacher, student, decay=0.9)
+    state = teacher.state_dict()
+    # 0.9 * 0 + 0.1 * 1 for weights, biases and the BN running mean / var alike
+    for key in ("0.weight", "0.bias", "1.weight", "1.running_mean", "1.running_var"):
+        assert torch.allclose(state[key], torch.full_like(state[key], 0.1)), key
+    assert state["1.num_batches_tracked"].item() == 7  # integers are copied
+    common.ema_update(teacher, student, decay=0.9)
+    assert torch.allclose(teacher.state_dict()["0.weight"], torch.full((2, 1, 1, 1), 0.9 * 0.1 + 0.1))
+
+
+def test_ema_parameters_only_leaves_buffers_alone():
+    teacher, student = _pair()
+    common.ema_update(teacher, student, decay=0.75, parameters_only=True)
+    state = teacher.state_dict()
+    assert torch.allclose(state["0.weight"], torch.full_like(state["0.weight"], 0.25))
+    assert torch.equal(state["1.running_mean"], torch.zeros(2))
+    assert state["1.num_batches_tracked"].item() == 3
+
+
+def test_ema_decay_edges_and_errors():
+    teacher, student = _pair()
+    common.ema_update(teacher, student, decay=0.0)  # decay 0: the teacher becomes the student
+    assert torch.equal(teacher.state_dict()["1.running_var"], torch.ones(2))
+    with pytest.raises(ValueError, match="decay must lie in"):
+        common.ema_update(teacher, student, decay=1.5)
+    with pytest.raises(ValueError, match="differ in keys"):
+        common.ema_update(nn.Conv2d(1, 2, 1), nn.Conv2d(1, 2, 1, bias=False), 0.5)
+
+
+def test_u2pl_momentum_warm_up():
+    assert [common.ema_decay(step, 0.99) for step in (0, 1, 3, 9)] == pytest.approx([0.0, 0.5, 0.75, 0.9])
+    assert common.ema_decay(10_000, 0.99) == 0.99
+
+
+def test_masked_cross_entropy():
+    logits = torch.randn(2, 3, 2, 2, generator=torch.Generator().manual_seed(0), requires_grad=True)
+    labels = torch.tensor([[[0, 1], [IGNORE, 2]], [[2, 2], [1, IGNORE]]])
+    expected = F.cross_entropy(logits, labels, ignore_index=IGNORE)
+    assert common.masked_cross_entropy(logits, labels).item() == pytest.approx(expected.item(), rel=1e-6)
+    zero = common.masked_cross_entropy(logits, torch.full_like(labels, IGNORE))
+    assert zero.item() == 0.0
+    zero.backward()
+    assert torch.equal(logits.grad, torch.zeros_like(logits))
+
+
+def test_resize_labels_is_nearest():
+    labels = torch.tensor([[[0, 1], [2, IGNORE]]])
+    assert common.resize_labels(labels, (4, 4)).tolist() == [
+        [[0, 0, 1, 1], [0, 0, 1, 1], [2, 2, IGNORE, IGNORE], [2, 2, IGNORE, IGNORE]]
+    ]
+    big = labels.repeat_interleave(2, 1).repeat_interleave(2, 2)
+    assert torch.equal(common.resize_labels(big, (2, 2)), labels)
