@@ -1,13 +1,12 @@
 """Pipeline configuration: typed schema, YAML loading, ``--set`` overrides."""
 
+from selftune.config.paths import get_dotted, set_dotted
 from selftune.config.loader import (
     flatten,
-    get_dotted,
     load_pipeline,
     parse_override,
     pipeline_to_dict,
     read_yaml,
-    set_dotted,
     validate_pipeline,
 )
 from selftune.config.schema import (

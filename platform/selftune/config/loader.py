@@ -21,7 +21,11 @@ from selftune.config.schema import (
     StageConfig,
     TrainingStageConfig,
 )
+from selftune.config.paths import deep_copy, set_dotted
+from selftune.config.rounds import expand_rounds
 from selftune.errors import ConfigError
+
+PREVIOUS = "previous"  # init_from: previous = the closest earlier training stage
 
 
 def load_pipeline(path: str | Path, overrides: Iterable[str] = ()) -> PipelineConfig:
@@ -46,13 +50,14 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
 
 
 def validate_pipeline(raw: dict[str, Any], *, source: str, overrides: Iterable[str] = ()) -> PipelineConfig:
-    raw = _deep_copy(raw)
+    raw = deep_copy(raw)
     for text in overrides:
         key, value = parse_override(text, source)
         set_dotted(raw, key, value, source)
     stages = raw.get("stages")
     if not isinstance(stages, list) or not stages:
         raise ConfigError(f"{source}: stages: must be a non-empty list of stages")
+    stages = expand_rounds(stages, source, STAGE_CONFIGS)
     raw["stages"] = [_validate_stage(stage, i, source) for i, stage in enumerate(stages)]
     try:
         pipeline = PipelineConfig.model_validate(raw)
@@ -71,57 +76,6 @@ def parse_override(text: str, source: str = "--set") -> tuple[str, Any]:
     except yaml.YAMLError:
         parsed = value
     return key.strip(), parsed
-
-
-def set_dotted(raw: dict[str, Any], key: str, value: Any, source: str) -> None:
-    """Set ``raw[a][b]... = value`` for ``key = "a.b..."``, creating mappings on the way."""
-    parts = key.split(".")
-    node: Any = raw
-    for depth, part in enumerate(parts[:-1]):
-        child = _child(node, part, parts[: depth + 1], source, create=True)
-        node = child
-    last = parts[-1]
-    if isinstance(node, list):
-        node[_list_index(node, last, key, source)] = value
-    elif isinstance(node, dict):
-        node[last] = value
-    else:
-        raise ConfigError(f"{source}: {key}: {'.'.join(parts[:-1])} is a value, not a mapping")
-
-
-def get_dotted(raw: dict[str, Any], key: str, source: str) -> Any:
-    """Read ``raw`` at a dotted key; a missing key is a ConfigError naming it."""
-    node: Any = raw
-    parts = key.split(".")
-    for depth, part in enumerate(parts):
-        node = _child(node, part, parts[: depth + 1], source, create=False)
-    return node
-
-
-def _child(node: Any, part: str, path: list[str], source: str, *, create: bool) -> Any:
-    key = ".".join(path)
-    if isinstance(node, list):
-        return node[_list_index(node, part, key, source)]
-    if not isinstance(node, dict):
-        raise ConfigError(f"{source}: {key}: {'.'.join(path[:-1])} is a value, not a mapping")
-    if part not in node:
-        if not create:
-            raise ConfigError(f"{source}: {key}: no such key")
-        node[part] = {}
-    elif node[part] is None and create:
-        node[part] = {}
-    return node[part]
-
-
-def _list_index(items: list[Any], part: str, key: str, source: str) -> int:
-    """Stages (and other lists of named mappings) are addressed by name or by position."""
-    names = [item.get("name") for item in items if isinstance(item, dict)]
-    if part in names:
-        return names.index(part)
-    if part.lstrip("-").isdigit() and -len(items) <= int(part) < len(items):
-        return int(part)
-    known = ", ".join(str(name) for name in names if name is not None)
-    raise ConfigError(f"{source}: {key}: no item named {part!r}; names are: {known or '(none)'}")
 
 
 def _validate_stage(raw_stage: Any, index: int, source: str) -> StageConfig:
@@ -174,7 +128,8 @@ def resolve_references(pipeline: PipelineConfig, source: str) -> PipelineConfig:
             raise ConfigError(f"{source}: stages.{stage.name}.name: stage names must be unique")
         updates: dict[str, Any] = {}
         if isinstance(stage, TrainingStageConfig) and stage.init_from is not None:
-            _earlier(seen, stage.init_from, TrainingStageConfig, f"stages.{stage.name}.init_from", source)
+            wanted = None if stage.init_from == PREVIOUS else stage.init_from
+            updates["init_from"] = _earlier(seen, wanted, TrainingStageConfig, f"stages.{stage.name}.init_from", source)
         if isinstance(stage, PseudoLabelStage):
             updates["model_from"] = _earlier(seen, stage.model_from, TrainingStageConfig, f"stages.{stage.name}.model_from", source)
         if isinstance(stage, SelfTrainStage):
@@ -216,11 +171,3 @@ def flatten(data: Any, prefix: str = "") -> dict[str, Any]:
     for key, value in items:
         flat.update(flatten(value, f"{prefix}.{key}" if prefix else str(key)))
     return flat
-
-
-def _deep_copy(value: Any) -> Any:
-    if isinstance(value, dict):
-        return {key: _deep_copy(item) for key, item in value.items()}
-    if isinstance(value, list):
-        return [_deep_copy(item) for item in value]
-    return value

@@ -7,7 +7,7 @@ own stage kinds by registering a model with ``register_stage_config``.
 
 from __future__ import annotations
 
-from typing import Annotated, Any, Literal, Union
+from typing import Annotated, Any, ClassVar, Literal, Union
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
@@ -64,10 +64,16 @@ class OptimizerConfig(StrictModel):
 
 
 class StageConfig(StrictModel):
-    """Fields every stage kind has."""
+    """Fields every stage kind has. ``group``/``round`` are filled when a ``rounds`` group is
+    expanded (see ``selftune.config.rounds``)."""
 
-    name: str = Field(pattern=r"^[A-Za-z0-9_.-]+$")
+    # Fields that name an earlier stage (renamed per round when a group is expanded).
+    reference_fields: ClassVar[tuple[str, ...]] = ()
+
+    name: str = Field(pattern=r"^[A-Za-z0-9_-]+$")
     kind: str
+    group: str | None = None
+    round: int | None = Field(None, ge=1)
 
     def upstream(self) -> dict[str, str]:
         """Inputs this stage reads from earlier stages: ``{role: stage name}``."""
@@ -77,11 +83,13 @@ class StageConfig(StrictModel):
 class TrainingStageConfig(StageConfig):
     """Fields of every stage that trains a model."""
 
+    reference_fields: ClassVar[tuple[str, ...]] = ("init_from",)
+
     epochs: int = Field(10, ge=1)
     steps_per_epoch: int | None = Field(None, ge=1)  # None: one pass over the stage's main training set
     batch_size: int = Field(16, ge=1)  # labelled images per step
     optimizer: OptimizerConfig = OptimizerConfig()
-    init_from: str | None = None  # fine-tune from this earlier stage's best checkpoint; None: fresh weights
+    init_from: str | None = None  # fine-tune from this earlier stage's best checkpoint ("previous": the closest); None: fresh
 
     def upstream(self) -> dict[str, str]:
         return {"init": self.init_from} if self.init_from else {}
@@ -96,6 +104,8 @@ class SupervisedStage(TrainingStageConfig):
 class PseudoLabelStage(StageConfig):
     """A trained model labels the unlabelled images: argmax, then pixels below ``threshold`` become 255."""
 
+    reference_fields: ClassVar[tuple[str, ...]] = ("model_from",)
+
     kind: Literal["pseudo_label"] = "pseudo_label"
     model_from: str | None = None  # None: the closest earlier training stage
     threshold: Fraction01 | None = None  # keep pixels whose max softmax probability is >= threshold
@@ -106,6 +116,8 @@ class PseudoLabelStage(StageConfig):
 
 class SelfTrainStage(TrainingStageConfig):
     """Labelled CE + ``pseudo_weight`` * CE on pseudo-labelled images (pixels labelled 255 ignored)."""
+
+    reference_fields: ClassVar[tuple[str, ...]] = ("init_from", "pseudo_labels")
 
     kind: Literal["self_train"] = "self_train"
     pseudo_labels: str | None = None  # None: the closest earlier pseudo_label stage
@@ -136,7 +148,7 @@ def register_stage_config(model: type[StageConfig]) -> type[StageConfig]:
 
 
 class PipelineConfig(StrictModel):
-    name: str = Field(pattern=r"^[A-Za-z0-9_.-]+$")
+    name: str = Field(pattern=r"^[A-Za-z0-9_.-]+$")  # also the default MLflow experiment
     description: str = ""
     seed: int = 0
     data: DataConfig = DataConfig()

@@ -110,6 +110,8 @@ def run_pipeline(
             stage_result = _run_stage(job, experiment_id, run_id, output_dir, run_stage, pipeline)
             result.stages.append(stage_result)
             tracker.log_metrics(_pipeline_metrics(stage_result), step=index)
+            if stage.group:  # curricula: one series per group and inner stage, step = round
+                tracker.log_metrics(_round_metrics(stage, stage_result), step=stage.round)
             if on_stage_end:
                 on_stage_end(stage_result)
         if result.val_miou is not None:
@@ -124,6 +126,7 @@ def _run_stage(job: StageJob, experiment_id: str, parent_run_id: str, output_dir
         tags={
             "selftune.stage": stage.name, "selftune.stage_kind": stage.kind,
             "selftune.stage_index": job.stage_index, "selftune.output_dir": job.output_dir,
+            **({"selftune.group": stage.group, "selftune.round": stage.round} if stage.group else {}),
         },
     )
     job = StageJob(**{**job.__dict__, "run_id": run_id})
@@ -136,6 +139,11 @@ def _run_stage(job: StageJob, experiment_id: str, parent_run_id: str, output_dir
 
 def _pipeline_metrics(stage: StageResult) -> dict[str, float]:
     return {f"{stage.name}/{key}": stage.summary[key] for key in SUMMARY_KEYS if key in stage.summary}
+
+
+def _round_metrics(stage, result: StageResult) -> dict[str, float]:
+    inner = stage.name.removeprefix(f"{stage.group}-r{stage.round}-")
+    return {f"{stage.group}/{inner}/{key}": result.summary[key] for key in SUMMARY_KEYS if key in result.summary}
 
 
 @contextmanager

@@ -1,0 +1,105 @@
+"""Curricula over rounds: a ``rounds`` group repeats its stages, with values following schedules.
+
+In YAML::
+
+    - name: dst
+      kind: rounds
+      rounds: 5
+      schedules:                       # <inner stage>: {<key>: a schedule over the rounds}
+        label: {alpha: {shape: linear, start: 0.2, end: 1.0}}
+      stages:
+        - {name: label, kind: class_balanced_label}
+        - {name: train, kind: self_train, init_from: previous}
+
+expands, before validation, into the flat stages ``dst-r1-label, dst-r1-train, dst-r2-label, …``
+with ``alpha`` = 0.2, 0.4, … Inside a round, a reference to an inner stage name (``pseudo_labels:
+label``) means that round's stage; references left out default to the closest earlier stage as
+everywhere else, so round r's labelling uses round r-1's model. Because expansion happens after
+``--set`` overrides, the search can tune ``stages.dst.rounds`` and the schedules' start, end and
+shape like any other value.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from selftune.config.paths import set_dotted
+from selftune.errors import ConfigError
+from selftune.schedules import schedule_value, validate_schedule
+
+GROUP_KIND = "rounds"
+GROUP_KEYS = {"name", "kind", "rounds", "schedules", "stages"}
+
+
+def expand_rounds(stages: list[Any], source: str, stage_configs: dict[str, type]) -> list[Any]:
+    """Replace every ``kind: rounds`` group by its stages repeated ``rounds`` times."""
+    expanded: list[Any] = []
+    for stage in stages:
+        if isinstance(stage, dict) and stage.get("kind") == GROUP_KIND:
+            expanded.extend(_expand_group(stage, source, stage_configs))
+        else:
+            expanded.append(stage)
+    return expanded
+
+
+def _expand_group(group: dict[str, Any], source: str, stage_configs: dict[str, type]) -> list[dict[str, Any]]:
+    name = group.get("name")
+    where = f"stages.{name}"
+    unknown = set(group) - GROUP_KEYS
+    if unknown:
+        raise ConfigError(f"{source}: {where}.{sorted(unknown)[0]}: unknown key; valid keys here are: {', '.join(sorted(GROUP_KEYS))}")
+    rounds = group.get("rounds")
+    if isinstance(rounds, bool) or not isinstance(rounds, int) or rounds < 1:
+        raise ConfigError(f"{source}: {where}.rounds: must be a whole number >= 1, got {rounds!r}")
+    inner = group.get("stages")
+    if not isinstance(inner, list) or not inner or not all(isinstance(s, dict) and "name" in s for s in inner):
+        raise ConfigError(f"{source}: {where}.stages: must be a non-empty list of stages with names")
+    inner_names = [s["name"] for s in inner]
+    schedules = _schedule_leaves(group.get("schedules") or {}, f"{where}.schedules", source)
+    for key, spec in schedules.items():
+        if key.split(".")[0] not in inner_names:
+            raise ConfigError(f"{source}: {where}.schedules.{key}: {key.split('.')[0]!r} is not a stage of this group; stages: {', '.join(inner_names)}")
+        validate_schedule(spec, rounds, where=f"{source}: {where}.schedules.{key}")
+    out = []
+    for round_index in range(1, rounds + 1):
+        for stage in inner:
+            out.append(_round_stage(stage, name, round_index, rounds, inner_names, schedules, source, stage_configs))
+    return out
+
+
+def _schedule_leaves(node: Any, where: str, source: str, prefix: str = "") -> dict[str, Any]:
+    """``{label: {alpha: {shape: ...}}}`` -> ``{"label.alpha": {shape: ...}}``: a schedule is a
+    mapping with a ``shape`` key; everything above it is the path to the scheduled value."""
+    if not isinstance(node, dict):
+        raise ConfigError(f"{source}: {where}{'.' + prefix if prefix else ''}: expected a mapping of stage -> key -> schedule")
+    if "shape" in node:
+        if "." not in prefix:
+            raise ConfigError(f"{source}: {where}.{prefix}: name the scheduled key inside the stage, e.g. {prefix or 'label'}.alpha")
+        return {prefix: node}
+    leaves: dict[str, Any] = {}
+    for key, child in node.items():
+        leaves.update(_schedule_leaves(child, where, source, f"{prefix}.{key}" if prefix else str(key)))
+    return leaves
+
+
+def _round_stage(stage, group, round_index, rounds, inner_names, schedules, source, stage_configs) -> dict[str, Any]:
+    copy = {key: _copy(value) for key, value in stage.items()}
+    prefix = f"{group}-r{round_index}-"
+    copy.update(name=prefix + stage["name"], group=group, round=round_index)
+    for key, spec in schedules.items():
+        inner, _, dotted = key.partition(".")
+        if inner == stage["name"]:
+            set_dotted(copy, dotted, schedule_value(spec, round_index - 1, rounds), source)
+    model = stage_configs.get(stage.get("kind"))
+    for field in getattr(model, "reference_fields", ()):
+        if copy.get(field) in inner_names:
+            copy[field] = prefix + copy[field]
+    return copy
+
+
+def _copy(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: _copy(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_copy(v) for v in value]
+    return value
