@@ -72,7 +72,7 @@ def command_run(args: argparse.Namespace) -> int:
     from selftune.report import print_stage_table, stage_header
     from selftune.tracking import resolve_tracking_uri
 
-    import selftune.methods  # noqa: F401  (registers the method stage kinds)
+    import selftune.stages  # noqa: F401  (registers every stage kind before the YAML is validated)
 
     pipeline = load_pipeline(args.pipeline, args.overrides)
     tracking_uri = resolve_tracking_uri(args.tracking_uri)

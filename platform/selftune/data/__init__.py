@@ -20,6 +20,7 @@ from selftune.data.layouts import (
 )
 from selftune.data.loaders import InfiniteLoader, cycle, make_loader, pad_collate
 from selftune.data.splits import split_labelled
+from selftune.data.strong import SAUG_OPS, saug_augmentation, st_plus_plus_augmentation
 from selftune.data.transforms import eval_transform, weak_augmentation
 
 __all__ = [
@@ -41,5 +42,8 @@ __all__ = [
     "read_mask",
     "register_layout",
     "split_labelled",
+    "SAUG_OPS",
+    "saug_augmentation",
+    "st_plus_plus_augmentation",
     "weak_augmentation",
 ]

@@ -37,7 +37,8 @@ class SegmentationDataset(Dataset):
     An item is ``{"image": float (3, H, W) ImageNet-normalised, "mask": long (H, W) with 255 =
     ignore, "valid": bool (H, W) False on pixels added by padding, "size": long (2,) = (H, W)
     after the transform, "id": str, "index": int}``. Items of different sizes batch through
-    ``make_loader(..., pad=True)``.
+    ``make_loader(..., pad=True)``. With ``strong_transform`` (photometric, image-only ops such as
+    ``selftune.data.strong.saug_augmentation``) items also carry ``"image_strong"``.
     """
 
     def __init__(
@@ -48,10 +49,12 @@ class SegmentationDataset(Dataset):
         transform: A.Compose | None,
         masks: str | Path = GROUND_TRUTH,
         label_map: np.ndarray | None = None,
+        strong_transform: A.Compose | None = None,
     ) -> None:
         self.samples = list(samples)
         self.num_classes = num_classes
         self.transform = transform
+        self.strong_transform = strong_transform  # image-only ops for a second, strongly augmented view
         self.label_map = label_map
         self.mask_folder = _mask_folder(masks)
         self.read_masks = masks != NO_MASKS
@@ -73,8 +76,10 @@ class SegmentationDataset(Dataset):
             self._reseed_in_worker()
             out = self.transform(image=image, mask=mask, masks=[valid])
             image, mask, valid = out["image"], out["mask"], out["masks"][0]
+        strong = self._strong_view(image, mask)
         out = _FINISH(image=image, mask=mask)
         return {
+            **strong,
             "image": out["image"],
             "mask": out["mask"].long(),
             "valid": torch.from_numpy(np.ascontiguousarray(valid) == 1),
@@ -82,6 +87,14 @@ class SegmentationDataset(Dataset):
             "id": sample.id,
             "index": index,
         }
+
+    def _strong_view(self, image: np.ndarray, mask: np.ndarray) -> dict[str, torch.Tensor]:
+        """``image_strong``: the same (weakly transformed) image after ``strong_transform``, so a
+        teacher can label the weak view while the student learns from the strong one."""
+        if self.strong_transform is None:
+            return {}
+        strong = self.strong_transform(image=image, mask=mask)
+        return {"image_strong": _FINISH(image=strong["image"], mask=mask)["image"]}
 
     def _mask(self, sample: Sample, shape: tuple[int, int]) -> np.ndarray:
         if not self.read_masks:

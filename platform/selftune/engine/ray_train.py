@@ -52,8 +52,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     import ray.train
     import ray.train.torch
 
-    import selftune.methods  # noqa: F401  (registers method stages in a fresh worker process)
-    import selftune.stages  # noqa: F401
+    import selftune.stages  # noqa: F401  (registers every stage kind in a fresh worker process)
 
     job: StageJob = config["job"]
     ray_context = ray.train.get_context()
