@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import REPO
+from support import REPO
 from selftune.cli import main
 
 QUICKSTART = str(REPO / "pipelines" / "quickstart.yaml")

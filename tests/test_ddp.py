@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import REPO, quickstart_overrides
+from support import REPO, quickstart_overrides
 
 QUICKSTART = str(REPO / "pipelines" / "quickstart.yaml")
 

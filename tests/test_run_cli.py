@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import REPO, quickstart_overrides
+from support import REPO, quickstart_overrides
 from selftune.cli import main
 from selftune.metrics import PseudoLabelQuality
 from selftune.stages.data import prepare_data
