@@ -11,7 +11,7 @@ import torch
 
 from selftune.methods.common import IGNORE_INDEX
 
-__all__ = ["per_image_miou", "select_reliable", "split_reliable", "stability_scores"]
+__all__ = ["per_image_miou", "select_reliable", "snapshot_epochs", "split_reliable", "stability_scores"]
 
 
 def per_image_miou(
@@ -63,6 +63,17 @@ def stability_scores(
     last = masks[-1]
     per_checkpoint = [per_image_miou(masks[j], last, num_classes, ignore_index) for j in range(masks.shape[0] - 1)]
     return torch.stack(per_checkpoint).mean(dim=0)
+
+
+def snapshot_epochs(epochs: int, snapshots: int) -> list[int]:
+    """The epochs after which the supervised teacher's K checkpoints are saved: ``j * E // K`` for
+    j = 1..K, so K = 3 gives the authors' E // 3, 2E // 3 and E (the last one is the reference M_K).
+    Needs at least one epoch per checkpoint (``epochs >= snapshots``), else two would coincide."""
+    if snapshots < 2:
+        raise ValueError(f"stability needs at least 2 checkpoints, but got snapshots={snapshots}")
+    if epochs < snapshots:
+        raise ValueError(f"epochs >= snapshots must hold (one checkpoint per distinct epoch), but got epochs={epochs}, snapshots={snapshots}")
+    return [j * epochs // snapshots for j in range(1, snapshots + 1)]
 
 
 def select_reliable(scores: torch.Tensor, fraction: float) -> torch.Tensor:
