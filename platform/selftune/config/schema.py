@@ -123,6 +123,9 @@ class SelfTrainStage(TrainingStageConfig):
     pseudo_labels: str | None = None  # None: the closest earlier pseudo_label stage
     unlabelled_batch_size: int = Field(16, ge=1)  # pseudo-labelled images per step
     pseudo_weight: float = Field(1.0, ge=0)
+    # DST-CBC eqs. 1-2: pseudo-labelled pixels weigh p_cur[label]^gamma (labelled pixels 1), the
+    # sum normalised by all non-ignored pixels of the batch; 0: plain CE per term (the default).
+    gamma: float = Field(0.0, ge=0)
 
     def upstream(self) -> dict[str, str]:
         inputs = super().upstream()

@@ -8,21 +8,28 @@ keeps the pixels whose predicted confidence reaches ``T_aux`` as pseudo labels.
 * ``correctness_target``: the auxiliary ground truth ``y`` (prediction == label).
 * ``auxiliary_confidence_loss``: eq. 1.
 * ``confident_pseudo_labels``: stage 3's selection.
+* ``AuxiliaryConfidenceNet``: the auxiliary CNN of Table 1 (Sec. 3.2.2).
+* ``histogram_auc``: ROC AUC of "prediction is correct" from score histograms (all-reducible).
 """
 
 from __future__ import annotations
 
+from typing import Sequence
+
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from selftune.methods.common import IGNORE_INDEX
 
 __all__ = [
+    "AuxiliaryConfidenceNet",
     "auxiliary_confidence_loss",
     "class_probability",
     "class_weights",
     "confident_pseudo_labels",
     "correctness_target",
+    "histogram_auc",
     "positive_weights",
 ]
 
@@ -137,3 +144,65 @@ def confident_pseudo_labels(
     if confidence.dim() == prediction.dim() + 1:
         confidence = confidence[:, 0]
     return torch.where(confidence >= t_aux, prediction, torch.full_like(prediction, ignore_index))
+
+
+def histogram_auc(positive: torch.Tensor, negative: torch.Tensor) -> float:
+    """ROC AUC from score histograms over the same ascending bins, (K,) counts each.
+
+    AUC = P(score_pos > score_neg) + P(equal bin) / 2, the Mann-Whitney statistic with scores in
+    one bin counted as ties. Histograms (not scores) so that workers can sum them before the AUC.
+    Either class empty -> NaN.
+    """
+    positive, negative = positive.double().cpu(), negative.double().cpu()
+    n_pos, n_neg = positive.sum().item(), negative.sum().item()
+    if n_pos == 0 or n_neg == 0:
+        return float("nan")
+    below = torch.cumsum(negative, 0) - negative  # negatives in lower bins, (K,)
+    return ((positive * (below + 0.5 * negative)).sum() / (n_pos * n_neg)).item()
+
+
+def _conv_bn_relu(cin: int, cout: int, *, stride: int = 1, dilation: int = 1) -> nn.Sequential:
+    return nn.Sequential(
+        nn.Conv2d(cin, cout, 3, stride=stride, padding=dilation, dilation=dilation, bias=False),
+        nn.BatchNorm2d(cout),
+        nn.ReLU(inplace=True),
+    )
+
+
+class AuxiliaryConfidenceNet(nn.Module):
+    """The auxiliary network of Table 1: class probabilities (B, C, H, W) -> confidence logits (B, 1, H, W).
+
+    3x3 conv-BN-ReLU layers with ``channels`` outputs, the first and third of stride 2 (paper: 32,
+    64, 128, 256, 256), so features sit at 1/4 resolution; an ASPP of parallel 3x3 dilated
+    conv-BN-ReLU branches (paper: rates 1, 2, 4, 8, 16, 32 channels each, no image pooling),
+    concatenated; an 8x8 transposed conv of stride 4 back to full size. Returns pre-sigmoid
+    logits (the sigmoid of the paper is applied by the loss / the caller). Input sizes that are
+    not multiples of 4 are zero-padded and the output cropped back.
+    """
+
+    def __init__(
+        self,
+        in_channels: int,
+        channels: Sequence[int] = (32, 64, 128, 256, 256),
+        aspp_channels: int = 32,
+        aspp_dilations: Sequence[int] = (1, 2, 4, 8, 16),
+    ):
+        super().__init__()
+        if len(channels) < 3:
+            raise ValueError(f"AuxiliaryConfidenceNet: channels needs >= 3 layers (two of stride 2), got {list(channels)}")
+        if not aspp_dilations:
+            raise ValueError("AuxiliaryConfidenceNet: aspp_dilations must name at least one rate")
+        layers, cin = [], in_channels
+        for index, cout in enumerate(channels):
+            layers.append(_conv_bn_relu(cin, cout, stride=2 if index in (0, 2) else 1))
+            cin = cout
+        self.encoder = nn.Sequential(*layers)
+        self.aspp = nn.ModuleList(_conv_bn_relu(cin, aspp_channels, dilation=d) for d in aspp_dilations)
+        self.upsample = nn.ConvTranspose2d(aspp_channels * len(aspp_dilations), 1, kernel_size=8, stride=4, padding=2)
+
+    def forward(self, probs: torch.Tensor) -> torch.Tensor:  # (B, C, H, W) -> (B, 1, H, W)
+        height, width = probs.shape[-2:]
+        x = F.pad(probs, (0, -width % 4, 0, -height % 4))  # (B, C, 4h, 4w)
+        x = self.encoder(x)  # (B, channels[-1], h, w)
+        x = torch.cat([branch(x) for branch in self.aspp], dim=1)  # (B, aspp * rates, h, w)
+        return self.upsample(x)[..., :height, :width]  # 8x8 kernel, stride 4, pad 2: exactly 4x

@@ -19,7 +19,7 @@ PSEUDO_LABELS = "pseudo_labels"  # a labelling stage's index PNGs, 255 = not kep
 SUMMARY = "summary.json"  # the stage's final metrics, written by rank 0
 
 # Which artifact of the upstream stage each input role reads.
-ARTIFACT_OF_ROLE = {"init": CHECKPOINT, "model": CHECKPOINT, "pseudo_labels": PSEUDO_LABELS}
+ARTIFACT_OF_ROLE = {"init": CHECKPOINT, "model": CHECKPOINT, "aux_model": CHECKPOINT, "pseudo_labels": PSEUDO_LABELS, "snapshots": "snapshots"}
 
 
 @dataclass(frozen=True)
