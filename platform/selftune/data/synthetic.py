@@ -58,7 +58,12 @@ class SyntheticDesign:
     objects: tuple[int, int] = (2, 5)  # objects per image, inclusive
     radius: tuple[float, float] = (7.0, 17.0)  # object radius
     period: tuple[float, float] = (3.5, 8.0)  # texture period
-    contrast: tuple[float, float] = (0.25, 0.8)  # distance between an object's two colours
+    contrast: tuple[float, float] = (0.25, 0.8)  # how far an object's second colour is from its first
+    angle: tuple[float, float] = (0.0, 180.0)  # texture orientation, degrees
+    colour_mode: str = "pair"  # "pair": two unrelated colours; "shade": the second is darker or lighter
+    hue_spread: float | None = None  # degrees: class k's hue is k/K of the circle +- this; None: any hue
+    saturation: tuple[float, float] = (0.3, 1.0)  # of an object's first colour when hue_spread is set
+    value: tuple[float, float] = (0.35, 1.0)
     distractors: tuple[int, int] = (2, 6)  # untextured shapes on the background, inclusive
     speckle: tuple[float, float] = (0.0, 0.12)  # amplitude of fine background noise
     noise: tuple[float, float] = (0.01, 0.06)  # per-pixel sensor noise sigma
@@ -200,9 +205,20 @@ def _blobs(rng: np.random.Generator, n: int, size: int, radius: tuple[float, flo
     return alpha, cx, cy
 
 
-def _colour_pairs(rng: np.random.Generator, n: int, contrast: tuple[float, float]) -> tuple[np.ndarray, np.ndarray]:
+def _hsv_to_rgb(h: np.ndarray, s: np.ndarray, v: np.ndarray) -> np.ndarray:
+    """(n,) hue (turns), saturation, value -> (n, 3) RGB float32."""
+    k = (np.array([5.0, 3.0, 1.0]) + 6 * (h % 1.0)[:, None]) % 6  # (n, 3)
+    return (v[:, None] - v[:, None] * s[:, None] * np.clip(np.minimum(k, 4 - k), 0, 1)).astype(np.float32)
+
+
+def _colour_pairs(rng: np.random.Generator, n: int, contrast: tuple[float, float], mode: str) -> tuple[np.ndarray, np.ndarray]:
     """Two random RGB colours per image, ``contrast`` apart (Euclidean distance / sqrt(3)): (n, 3) each."""
     first = rng.random((n, 3), dtype=np.float32)
+    if mode == "shade":
+        # Towards black or white (with a little hue of its own): a mostly-luminance pattern.
+        target = 0.75 * (rng.random((n, 1)) < 0.5) + 0.25 * rng.random((n, 3))
+        depth = rng.uniform(contrast[0], contrast[1], (n, 1))
+        return first, (first + depth * (target - first)).astype(np.float32)
     direction = rng.normal(size=(n, 3)).astype(np.float32)
     direction /= np.linalg.norm(direction, axis=1, keepdims=True) + 1e-8
     step = direction * rng.uniform(contrast[0], contrast[1], (n, 1)).astype(np.float32) * np.sqrt(3)
@@ -265,7 +281,7 @@ def _render_chunk(rng: np.random.Generator, n: int, size: int, design: Synthetic
         cls = rng.integers(1, design.num_object_classes + 1, n)
         alpha, cx, cy = _blobs(rng, n, size, design.radius)
         alpha = alpha * active
-        angle = _uniform(rng, (0, np.pi), n)
+        angle = np.deg2rad(_uniform(rng, design.angle, n))
         dx, dy = xx - cx, yy - cy  # (n, 1, W), (n, H, 1)
         u = dx * np.cos(angle) + dy * np.sin(angle)  # (n, H, W)
         v = -dx * np.sin(angle) + dy * np.cos(angle)
@@ -282,7 +298,13 @@ def _render_chunk(rng: np.random.Generator, n: int, size: int, design: Synthetic
             if sel.any():
                 signed[sel] = _textures(kind, u[sel], v[sel], rho[sel], theta[sel], **{k: p[sel] for k, p in params.items()})
         t = 1 / (1 + np.exp(-_uniform(rng, (2.0, 8.0), n) * signed))  # (n, H, W) soft two-colour mix
-        first, second = _colour_pairs(rng, n, design.contrast)
+        first, second = _colour_pairs(rng, n, design.contrast, design.colour_mode)
+        if design.hue_spread is not None:
+            # Each class has a typical hue, as real classes do (sky, grass); neighbours overlap.
+            hue = (cls - 1) / design.num_object_classes + rng.uniform(-1, 1, n) * design.hue_spread / 360
+            first = _hsv_to_rgb(hue, rng.uniform(*design.saturation, n), rng.uniform(*design.value, n))
+            target = (rng.random((n, 1)) < 0.5).astype(np.float32)  # second colour: towards black or white
+            second = first + rng.uniform(design.contrast[0], design.contrast[1], (n, 1)) * (target - first)
         colour = t[..., None] * first[:, None, None] + (1 - t[..., None]) * second[:, None, None]
         shading = 1 + _uniform(rng, (-0.35, 0.35), n) * u / (design.radius[1] * scale)
         image = image * (1 - alpha[..., None]) + colour * (shading * alpha)[..., None]
