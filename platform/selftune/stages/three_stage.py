@@ -1,0 +1,154 @@
+"""``multi_task``: stages 2 and 3 of three-stage self-training (Ke et al., seed 000, Algorithm 1).
+
+A multi-head network (``selftune.models.multi_head``: main head ``f`` and a branch that shares
+the first ``shared_blocks`` modules, "N-2" for stage 2's ``ĝ``, "N-1" for stage 3's ``g̃``) is
+trained from fresh weights (Algorithm 1 re-initialises θ; ``init_from`` is possible but not the
+paper) with ``L = L_seg + λ1 L_con + λ2 L_pl`` (eq. 4; eq. 5 for stage 3):
+
+* ``L_seg``: CE of ``f(A x_l)`` against ``B y_l`` (labelled images, ground truth).
+* ``L_con`` (eq. 1): CE of ``f(A x)`` against ``B argmax f_θ'(x)`` over L ∪ U, the EMA teacher's
+  hard labels moved by the same geometric transform (the authors' hard argmax, taken before the
+  warp, as their code does).
+* ``L_pl`` (eq. 3): CE of the branch ``g(A x)`` against ``B ŷ`` — the previous stage's stored
+  pseudo masks for unlabelled images. For labelled images we use their ground truth instead of the
+  previous model's argmax on them (the authors pseudo-label L too; on L the supervised model is
+  near its own ground truth, and ground truth is what it approximates).
+
+``A``: one random flip / zoom / shift per image, applied in torch on the batch
+(``methods.three_stage.sample_geometric_transform``), plus strong photometric SAUG ops on the
+unlabelled images of the student's input only (the dataset's ``image_strong`` view; the authors
+add RandAugment to the student's unlabelled input). ``B``: the same geometric transform on the
+teacher output / masks (nearest, 255 outside the image). Teacher θ' = EMA of all float state
+(the authors), decay a constant or an epoch schedule (the authors: 0.99 → 0.999 in steps).
+
+The stage's checkpoint is the EMA teacher (see ``stages.teacher``), a ``multi_head`` network
+whose plain forward is the main head, so a following ``pseudo_label`` stage writes
+``ỹ = argmax f_θ'(x)`` (the authors label the next stage with the teacher's main branch).
+"""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar, Iterator, Literal
+
+import torch
+from pydantic import Field, field_validator
+
+from selftune.config import TrainingStageConfig
+from selftune.config.schema import register_stage_config
+from selftune.data import IGNORE_INDEX, SegmentationDataset, make_loader, weak_augmentation
+from selftune.data.strong import saug_augmentation
+from selftune.engine.context import WorkerContext
+from selftune.engine.loop import Batch, cycle, unwrap
+from selftune.methods.common import masked_cross_entropy
+from selftune.methods.three_stage import (
+    apply_geometric_transform,
+    pseudo_label_loss,
+    sample_geometric_transform,
+)
+from selftune.models.multi_head import multi_head_config
+from selftune.schedules import schedule_value, validate_schedule
+from selftune.stages.data import StageData, prepare_data, training_loader
+from selftune.stages.job import StageJob, register_stage
+from selftune.stages.teacher import MeanTeacher, multi_head_job, multi_head_student
+from selftune.stages.training import fit, steps_per_epoch
+
+
+@register_stage_config
+class MultiTaskStage(TrainingStageConfig):
+    """Stage 2 (``shared_blocks: N-2``) or stage 3 (``N-1``) of three-stage self-training."""
+
+    reference_fields: ClassVar[tuple[str, ...]] = ("init_from", "pseudo_labels")
+
+    kind: Literal["multi_task"] = "multi_task"
+    pseudo_labels: str  # the pseudo_label stage whose masks are ŷ (required: not resolved by the loader)
+    unlabelled_batch_size: int = Field(16, ge=1)  # unlabelled images per step (batch_size: labelled ones)
+    lambda1: float = Field(0.5, ge=0)  # weight of L_con (paper: 1/2 on Cityscapes)
+    lambda2: float = Field(0.5, ge=0)  # weight of L_pl
+    ema_decay: float | dict[str, Any] = 0.99  # a constant or a schedule over this stage's epochs
+    shared_blocks: int | str = "N-2"  # modules (blocks + head) shared by the two heads
+    strong_ops: int = Field(2, ge=0)  # SAUG ops on the student's unlabelled images
+    strong_magnitude: float = Field(0.5, ge=0, le=1)
+    flip_prob: float = Field(0.5, ge=0, le=1)  # geometric part of A / B
+    zoom_range: tuple[float, float] = (1.0, 1.5)
+    max_rotation_degrees: float = Field(0.0, ge=0)
+
+    @field_validator("ema_decay")
+    @classmethod
+    def _decay_schedule(cls, value: float | dict[str, Any]) -> float | dict[str, Any]:
+        validate_schedule(value, where="ema_decay")
+        return value
+
+    def upstream(self) -> dict[str, str]:
+        return {**super().upstream(), "pseudo_labels": self.pseudo_labels}
+
+
+def unlabelled_loader(data: StageData, job: StageJob, ctx: WorkerContext, stage: MultiTaskStage):
+    """Weakly augmented unlabelled images with their stored pseudo masks and an ``image_strong`` view."""
+    config = job.pipeline.data
+    dataset = SegmentationDataset(
+        data.unlabelled, num_classes=data.num_classes, masks=job.inputs["pseudo_labels"], label_map=data.index.label_map,
+        transform=weak_augmentation(config.crop_size, scale_range=config.scale_range, hflip=config.hflip),
+        strong_transform=saug_augmentation(stage.strong_ops, stage.strong_magnitude),
+    )
+    return make_loader(
+        dataset, batch_size=stage.unlabelled_batch_size, shuffle=True, num_workers=config.loader_workers,
+        rank=ctx.rank, world_size=ctx.world_size, seed=job.seed + 1,
+        drop_last=len(dataset) >= stage.unlabelled_batch_size * ctx.world_size,
+    )
+
+
+def paired(labelled: Iterator[Batch], unlabelled: Iterator[Batch]) -> Iterator[dict[str, torch.Tensor]]:
+    for a, b in zip(labelled, unlabelled):
+        yield {
+            "image_l": a["image"], "mask_l": a["mask"], "valid_l": a["valid"],
+            "image_u": b["image"], "strong_u": b["image_strong"], "pseudo_u": b["mask"], "valid_u": b["valid"],
+        }
+
+
+def multi_task_terms(stage: MultiTaskStage, generator: torch.Generator):
+    """``compute_losses`` of eq. 4: ``{seg, con: λ1 L_con, pl: λ2 L_pl}``."""
+
+    def compute(model, batch) -> dict[str, torch.Tensor]:
+        pair: MeanTeacher = unwrap(model)  # type: ignore[assignment]
+        n = batch["image_l"].shape[0]
+        weak = torch.cat([batch["image_l"], batch["image_u"]])  # (B, 3, H, W) teacher input x
+        strong = torch.cat([batch["image_l"], batch["strong_u"]])  # photometric A on U only
+        valid = torch.cat([batch["valid_l"], batch["valid_u"]])  # (B, H, W) False on padding
+        params = sample_geometric_transform(
+            weak.shape[0], generator, flip_prob=stage.flip_prob, scale_range=stage.zoom_range,
+            max_rotation_degrees=stage.max_rotation_degrees, device=weak.device,
+        )
+        teacher_labels = pair.teach(weak).argmax(dim=1).masked_fill(~valid, IGNORE_INDEX)  # argmax f_θ'(x)
+        con_target = apply_geometric_transform(teacher_labels, params, mode="nearest")  # B argmax f_θ'(x)
+        masks = torch.cat([batch["mask_l"], batch["pseudo_u"]])  # ground truth on L, ŷ on U
+        moved_masks = apply_geometric_transform(masks, params, mode="nearest")  # B y, B ŷ
+        main, branch = model(apply_geometric_transform(strong, params), both=True)  # f(A x), g(A x)
+        return {
+            "seg": masked_cross_entropy(main[:n], moved_masks[:n]),
+            "con": stage.lambda1 * pseudo_label_loss(main, con_target),
+            "pl": stage.lambda2 * pseudo_label_loss(branch, moved_masks),
+        }
+
+    return compute
+
+
+def ema_decay_of(stage: MultiTaskStage, steps: int):
+    """Decay of EMA update ``u``: the stage's schedule read at the epoch that update belongs to."""
+    return lambda updates: schedule_value(stage.ema_decay, min(updates // steps, stage.epochs - 1), stage.epochs)
+
+
+@register_stage("multi_task")
+def run_multi_task(job: StageJob, ctx: WorkerContext) -> dict[str, Any]:
+    stage: MultiTaskStage = job.stage  # type: ignore[assignment]
+    model = job.pipeline.model
+    job, init = multi_head_job(job, multi_head_config(model.name, dict(model.options), shared_blocks=stage.shared_blocks))
+    data = prepare_data(job.pipeline.data, job.seed)
+    student = multi_head_student(job, data.num_classes, init)  # fresh θ (Algorithm 1) unless init_from
+    steps = steps_per_epoch(stage.steps_per_epoch, len(data.unlabelled), stage.unlabelled_batch_size, ctx.world_size)
+    pair = MeanTeacher(student, ema_decay_of(stage, steps))
+    labelled = training_loader(data, data.labelled, job.pipeline.data, ctx, batch_size=stage.batch_size, seed=job.seed)
+    generator = torch.Generator().manual_seed(job.seed * 1000 + ctx.rank)
+    return fit(
+        job, ctx, data, batches=paired(cycle(labelled), cycle(unlabelled_loader(data, job, ctx, stage))),
+        steps_per_epoch=steps, compute_losses=multi_task_terms(stage, generator), model=pair,
+    )

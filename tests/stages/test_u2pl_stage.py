@@ -1,0 +1,135 @@
+"""u2pl stage: the loss terms, the per-epoch α_t, the pseudo-label quality, warm-up loading, end to end.
+
+(Named ``test_u2pl_stage.py``: ``tests/methods/test_u2pl.py`` already exists.)
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import mlflow
+import pytest
+import torch
+
+from selftune.cli import main
+from selftune.config import load_pipeline
+from selftune.data.synthetic import generate_synthetic
+from selftune.methods.common import ema_decay
+from selftune.models import build_model, save_checkpoint
+from selftune.stages.data import StageData
+from selftune.models.multi_head import multi_head_config
+from selftune.stages.job import StageJob
+from selftune.stages.teacher import MeanTeacher, with_model
+from selftune.stages.u2pl import U2PLStage, U2PLTerms
+from selftune.stages.teacher import multi_head_student
+
+REPO = Path(__file__).resolve().parents[2]
+C = 3
+
+
+def _pair() -> MeanTeacher:
+    torch.manual_seed(0)
+    student = build_model(
+        "multi_head", C, base="small_segnet", base_options={"width": 8}, shared_blocks="N-1",
+        branch="projection", projection_dim=8,
+    )
+    return MeanTeacher(student, lambda k: ema_decay(k, 0.99), parameters_only=True, teacher_train_mode=True)
+
+
+def _stage(**overrides) -> U2PLStage:
+    values = dict(name="u2pl", epochs=2, feature_dim=8, num_queries=4, num_negatives=3, memory_size=50, r_l=1, r_h=3)
+    return U2PLStage(**{**values, **overrides})
+
+
+def _batch(n_l: int = 2, n_u: int = 2, size: int = 32) -> dict[str, torch.Tensor]:
+    torch.manual_seed(1)
+    return {
+        "image_l": torch.randn(n_l, 3, size, size), "mask_l": torch.randint(0, C, (n_l, size, size)),
+        "image_u": torch.randn(n_u, 3, size, size), "truth_u": torch.randint(0, C, (n_u, size, size)),
+        "valid_u": torch.ones(n_u, size, size, dtype=torch.bool),
+    }
+
+
+def test_alpha_follows_the_epoch_schedule():
+    terms = U2PLTerms(_stage(alpha0=0.2, anchor_alpha=0.4, epochs=2), steps=2, num_classes=C, device=torch.device("cpu"), seed=0)
+    seen = []
+    for _ in range(4):
+        seen.append(terms.fractions())
+        terms.calls += 1
+    assert seen == [(0.2, 0.4), (0.2, 0.4), (0.1, 0.2), (0.1, 0.2)]  # α0 (1 - t/T), t = 0, 1
+
+
+def test_terms_and_the_reliable_fraction_that_is_measured():
+    pair = _pair().train()
+    terms = U2PLTerms(_stage(alpha0=0.25, contrastive_weight=1.0), steps=10, num_classes=C, device=torch.device("cpu"), seed=0)
+    batch = _batch()
+    losses = terms(pair, batch)
+    assert set(losses) == {"sup", "unsup", "contrastive"}
+    assert all(torch.isfinite(v) for v in losses.values())
+    sum(losses.values()).backward()
+    grads = {n for n, p in pair.student.named_parameters() if p.grad is not None}
+    assert any(n.startswith("head.branch.") for n in grads)  # the projection head is trained
+    data = StageData(index=_Index(), labelled=[], unlabelled=[])
+    quality = terms.epoch_quality(data)
+    # np.percentile at 75 % of 2048 pixels, strictly below: 1535 or 1536 of 2048 kept.
+    assert quality["pseudo_label/kept_fraction"] == pytest.approx(0.75, abs=1 / 2048 + 1e-9)
+    assert {"pseudo_label/miou", "pseudo_label/class_coverage"} <= set(quality)
+    assert terms.quality.compute()["kept_fraction"] != terms.quality.compute()["kept_fraction"]  # reset: NaN
+
+
+def test_zero_contrastive_weight_skips_the_term_but_keeps_the_graph():
+    terms = U2PLTerms(_stage(contrastive_weight=0.0), steps=1, num_classes=C, device=torch.device("cpu"), seed=0)
+    losses = terms(_pair().train(), _batch())
+    assert losses["contrastive"].item() == 0.0 and losses["contrastive"].requires_grad
+
+
+class _Index:
+    num_classes = C
+    classes = ["a", "b", "c"]
+
+
+def test_warm_up_checkpoint_initialises_the_main_path(tmp_path):
+    torch.manual_seed(3)
+    warm = build_model("small_segnet", C, width=8)
+    save_checkpoint(tmp_path / "warm", warm, {"name": "small_segnet", "num_classes": C, "options": {"width": 8}})
+
+    job = with_model(_job(), multi_head_config("small_segnet", {"width": 8}, shared_blocks="N-1", branch="projection", projection_dim=8))
+    student = multi_head_student(job, C, str(tmp_path / "warm"))
+    x = torch.randn(1, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.allclose(student.eval()(x), warm.eval()(x), atol=1e-6)
+
+
+def _job() -> StageJob:
+    pipeline = load_pipeline(REPO / "pipelines" / "u2pl.yaml")
+    return StageJob(pipeline=pipeline, stage_index=1, output_dir="/nonexistent")
+
+
+def test_config_knobs_are_validated():
+    with pytest.raises(Exception, match="alpha0"):
+        _stage(alpha0=1.5)
+    assert _stage(init_from="warmup").upstream() == {"init": "warmup"}
+
+
+@pytest.mark.slow
+def test_u2pl_pipeline_end_to_end(tmp_path, tracking_uri):
+    root = generate_synthetic(tmp_path / "tiny", num_train=40, num_val=8)
+    sets = [f"data.dataset=folder", f"data.root={root}", "data.labelled=8", "data.eval_batch_size=16",
+            "stages.warmup.epochs=1", "stages.warmup.steps_per_epoch=2", "stages.warmup.batch_size=4",
+            "stages.u2pl.epochs=2", "stages.u2pl.steps_per_epoch=2", "stages.u2pl.batch_size=2",
+            "stages.u2pl.unlabelled_batch_size=2", "stages.u2pl.num_queries=8"]
+    args = [a for s in sets for a in ("--set", s)]
+    code = main(["run", str(REPO / "pipelines" / "u2pl.yaml"), *args, "--out", str(tmp_path / "out"),
+                 "--tracking-uri", tracking_uri, "--experiment", "u2"])
+    assert code == 0
+    mlflow.set_tracking_uri(tracking_uri)
+    # The pipeline run is also named "u2pl"; the stage runs are the ones with a val/best_epoch.
+    runs = {r.info.run_name: r for r in mlflow.search_runs(experiment_names=["u2"], output_format="list")
+            if "val/best_epoch" in r.data.metrics}
+    assert runs["warmup"].info.status == runs["u2pl"].info.status == "FINISHED"
+    client = mlflow.MlflowClient()
+    for key in ("pseudo_label/miou", "pseudo_label/kept_fraction", "pseudo_label/class_coverage", "val/miou"):
+        history = client.get_metric_history(runs["u2pl"].info.run_id, key)
+        assert {m.step for m in history} >= {1, 2}, key  # one point per epoch
+    kept = {m.step: m.value for m in client.get_metric_history(runs["u2pl"].info.run_id, "pseudo_label/kept_fraction")}
+    assert kept[1] == pytest.approx(0.8, abs=0.02) and kept[2] == pytest.approx(0.9, abs=0.02)  # 1 - α_t
