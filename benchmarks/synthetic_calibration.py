@@ -276,7 +276,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--oracle", action="store_true", help="also self-train on the unlabelled images' ground truth")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--verbose", action="store_true", help="print val mIoU at every evaluation")
-    parser.add_argument("--json", default=None, help="append the results as one JSON line to this file")
+    parser.add_argument("--json", default=None, help="append each finished phase as a JSON line to this file")
+    parser.add_argument("--tag", default="", help="a label for this run in the JSON lines")
     args = parser.parse_args(argv)
     args.data_seed = args.seed if args.data_seed is None else args.data_seed
     torch.set_num_threads(args.threads)
@@ -317,6 +318,9 @@ def main(argv: list[str] | None = None) -> dict:
 
     def done(phase: Phase) -> None:
         phases.append(phase)
+        if args.json:  # one line per phase, so a run cut short still leaves its finished phases
+            with open(args.json, "a") as f:
+                f.write(json.dumps({"tag": args.tag, "seed": args.seed, **vars(phase)}) + "\n")
         if args.verbose:
             print(row(phase), flush=True)
     torch.manual_seed(args.seed)
@@ -355,11 +359,7 @@ def main(argv: list[str] | None = None) -> dict:
     for p in phases[1:]:
         if p.name.startswith("self_train"):
             print(f"gain {p.name}: {100 * (p.best_miou - sup.best_miou):+.1f} points (best val mIoU)")
-    result = {"args": vars(args), "phases": [vars(p) for p in phases]}
-    if args.json:
-        with open(args.json, "a") as f:
-            f.write(json.dumps(result) + "\n")
-    return result
+    return {"args": vars(args), "phases": [vars(p) for p in phases]}
 
 
 if __name__ == "__main__":

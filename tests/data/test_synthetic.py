@@ -45,7 +45,8 @@ def test_writes_the_folder_format(tmp_path):
     assert (root / "splits" / "train.txt").read_text().split() == [f"train_{i:05d}" for i in range(5)]
     assert len((root / "splits" / "val.txt").read_text().split()) == 3
     classes = (root / "classes.txt").read_text().split()
-    assert classes == list(CLASSES) and classes[0] == "background"
+    assert classes == list(CLASSES[: synthetic.SyntheticDesign().num_object_classes + 1])
+    assert classes[0] == "background"
     assert is_dataset(root)
     values = set()
     for sample_id, (image, mask) in read(root).items():
@@ -150,6 +151,8 @@ def test_generate_rejects_bad_arguments(tmp_path):
         generate_synthetic(tmp_path / "x", image_size=4)
     with pytest.raises(ValueError, match=r"num_object_classes must be in \[1, 7\], but got 9"):
         generate_synthetic(tmp_path / "x", design=synthetic.SyntheticDesign(num_object_classes=9))
+    with pytest.raises(ValueError, match=r"hue_spread must be in \[0, 180\] degrees, but got 200"):
+        generate_synthetic(tmp_path / "x", design=synthetic.SyntheticDesign(hue_spread=200))
 
 
 def test_fewer_object_classes(tmp_path):
