@@ -201,3 +201,11 @@ def start_tracking_server(tmp_path: Path, backend: str = "postgres") -> Iterator
             raise ValueError(f"backend {backend!r}: expected 'postgres' or 'sqlite'")
         url, _ = stack.enter_context(start_mlflow_server(store, tmp_path / "artifacts", log))
         yield url
+
+
+def run_selftune(args: list[str], cwd: Path, timeout: float = 600) -> subprocess.CompletedProcess:
+    """``python -m selftune ARGS`` in a subprocess, one thread per op (a 2-core machine), no inherited tracking URI."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+    env.pop("MLFLOW_TRACKING_URI", None)
+    return subprocess.run([sys.executable, "-m", "selftune", *args], cwd=cwd, env=env,
+                          capture_output=True, text=True, timeout=timeout)

@@ -7,27 +7,17 @@ stage runs tree, params and metrics, and artifacts downloaded through the proxie
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import yaml
 
-from servers import start_tracking_server
+from servers import run_selftune, start_tracking_server
 from support import REPO, quickstart_overrides
 
 pytestmark = pytest.mark.slow
 
 STAGES = ["supervised", "pseudo_label", "self_train"]
-
-
-def run_selftune(args: list[str], cwd: Path, timeout: float = 600) -> subprocess.CompletedProcess:
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
-    env.pop("MLFLOW_TRACKING_URI", None)
-    return subprocess.run([sys.executable, "-m", "selftune", *args], cwd=cwd, env=env,
-                          capture_output=True, text=True, timeout=timeout)
 
 
 def test_pipeline_logs_through_postgres_backed_server(tmp_path):
