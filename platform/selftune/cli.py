@@ -25,6 +25,24 @@ def build_parser() -> argparse.ArgumentParser:
     _add_common(run)
     run.add_argument("--out", help="output folder (must be new or empty); default runs/<name>-<time>")
 
+    search = commands.add_parser("search", help="search a pipeline's values with Ray Tune + Optuna")
+    search.add_argument("space", help="search space YAML, e.g. search_spaces/quickstart.yaml")
+    _add_common(search)
+    search.add_argument("--resume", action="store_true", help="continue the latest interrupted search of this space")
+    search.add_argument("--out", default="runs", help="folder that holds search folders (default: runs)")
+
+    show = commands.add_parser("show", help="print a search's trial table from MLflow")
+    show.add_argument("reference", help="an MLflow experiment name (its latest search) or a search run id")
+    show.add_argument("--tracking-uri", help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI or sqlite:///mlflow.db)")
+
+    final = commands.add_parser("final", help="run a pipeline with a search's best values (a tuned final run)")
+    source = final.add_mutually_exclusive_group(required=True)
+    source.add_argument("--from", dest="source", help="an MLflow experiment name (its latest search) or a search run id")
+    source.add_argument("--params", help="a YAML file of dotted pipeline keys -> values (needs PIPELINE)")
+    final.add_argument("pipeline", nargs="?", help="pipeline YAML (with --params; default with --from: the searched pipeline)")
+    _add_common(final)
+    final.add_argument("--out", help="output folder (must be new or empty); default runs/<name>-final-<time>")
+
     datasets = commands.add_parser("datasets", help="built-in datasets")
     datasets_commands = datasets.add_subparsers(dest="dataset_command", required=True)
     synth = datasets_commands.add_parser("synth", help="write the built-in synthetic dataset in the folder format")
@@ -87,6 +105,45 @@ def command_run(args: argparse.Namespace) -> int:
     return 0
 
 
+def command_search(args: argparse.Namespace) -> int:
+    from selftune.search.driver import format_outcome, run_search
+    from selftune.search.space import load_search_space
+    from selftune.tracking import resolve_tracking_uri
+
+    import selftune.stages  # noqa: F401  (registers every stage kind before the pipeline is validated)
+
+    space = load_search_space(args.space, args.overrides)
+    tracking_uri = resolve_tracking_uri(args.tracking_uri)
+    outcome = run_search(space, tracking_uri=tracking_uri, out_root=args.out, resume=args.resume,
+                         experiment=args.experiment, progress=lambda line: print(line, flush=True))
+    print(format_outcome(outcome, tracking_uri))
+    return 0
+
+
+def command_show(args: argparse.Namespace) -> int:
+    from selftune.search.summary import find_search_run, format_rows, trial_rows
+    from selftune.tracking import resolve_tracking_uri
+
+    tracking_uri = resolve_tracking_uri(args.tracking_uri)
+    run = find_search_run(tracking_uri, args.reference)
+    print(f"search run {run.info.run_id} ({run.info.status}), {run.data.tags.get('selftune.space', '')}")
+    print(format_rows(trial_rows(tracking_uri, run)))
+    return 0
+
+
+def command_final(args: argparse.Namespace) -> int:
+    from selftune.search.final import run_final
+    from selftune.tracking import resolve_tracking_uri
+
+    import selftune.stages  # noqa: F401
+
+    tracking_uri = resolve_tracking_uri(args.tracking_uri)
+    run_final(source=args.source, params_file=args.params, pipeline_file=args.pipeline, overrides=args.overrides,
+              tracking_uri=tracking_uri, experiment=args.experiment, out=args.out,
+              progress=lambda line: print(line, flush=True))
+    return 0
+
+
 def command_datasets(args: argparse.Namespace) -> int:
     from selftune.data.synthetic import generate_synthetic
 
@@ -98,7 +155,8 @@ def command_datasets(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = {"run": command_run, "datasets": command_datasets}
+COMMANDS = {"run": command_run, "search": command_search, "show": command_show, "final": command_final,
+            "datasets": command_datasets}
 
 if __name__ == "__main__":
     sys.exit(main())

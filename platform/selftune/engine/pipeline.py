@@ -76,6 +76,8 @@ def run_pipeline(
     experiment: str | None = None,
     on_stage_start: Callable[[int, Any], None] | None = None,
     on_stage_end: Callable[[StageResult], None] | None = None,
+    kind: str = KIND_PIPELINE,
+    tags: dict[str, Any] | None = None,
 ) -> PipelineResult:
     """Validate inputs, then run every stage; MLflow runs end FAILED/KILLED if anything goes wrong."""
     from selftune.engine.ray_train import run_stage
@@ -87,12 +89,12 @@ def run_pipeline(
 
     experiment_id = ensure_experiment(tracking_uri, experiment or pipeline.name)
     run_id = create_run(
-        tracking_uri, experiment_id, name=pipeline.name, kind=KIND_PIPELINE,
-        tags={"selftune.pipeline": pipeline.name, "selftune.output_dir": str(output_dir)},
+        tracking_uri, experiment_id, name=pipeline.name, kind=kind,
+        tags={"selftune.pipeline": pipeline.name, "selftune.output_dir": str(output_dir), **(tags or {})},
     )
     tracker = RunTracker(tracking_uri, run_id)
     result = PipelineResult(run_id=run_id, output_dir=str(output_dir))
-    with _terminates(tracking_uri, run_id):
+    with terminates(tracking_uri, run_id):
         tracker.log_params(flatten(resolved))
         tracker.log_artifact(output_dir / "pipeline.yaml")
         stage_dirs: dict[str, Path] = {}
@@ -109,9 +111,9 @@ def run_pipeline(
             )
             stage_result = _run_stage(job, experiment_id, run_id, output_dir, run_stage, pipeline)
             result.stages.append(stage_result)
-            tracker.log_metrics(_pipeline_metrics(stage_result), step=index)
+            tracker.log_metrics(pipeline_metrics(stage_result), step=index)
             if stage.group:  # curricula: one series per group and inner stage, step = round
-                tracker.log_metrics(_round_metrics(stage, stage_result), step=stage.round)
+                tracker.log_metrics(round_metrics(stage, stage_result), step=stage.round)
             if on_stage_end:
                 on_stage_end(stage_result)
         if result.val_miou is not None:
@@ -120,37 +122,73 @@ def run_pipeline(
 
 
 def _run_stage(job: StageJob, experiment_id: str, parent_run_id: str, output_dir: Path, run_stage, pipeline) -> StageResult:
+    return run_tracked_stage(job, experiment_id, parent_run_id, lambda j: run_stage(j, pipeline.resources, storage_path=output_dir / "ray"))
+
+
+def stage_tags(job: StageJob) -> dict[str, Any]:
+    stage = job.stage
+    return {
+        "selftune.stage": stage.name, "selftune.stage_kind": stage.kind,
+        "selftune.stage_index": job.stage_index, "selftune.output_dir": job.output_dir,
+        **({"selftune.group": stage.group, "selftune.round": stage.round} if stage.group else {}),
+    }
+
+
+def run_tracked_stage(
+    job: StageJob, experiment_id: str, parent_run_id: str, execute: Callable[[StageJob], dict[str, Any]],
+    *, tags: dict[str, Any] | None = None,
+) -> StageResult:
+    """Run one stage under its own MLflow run (nested under ``parent_run_id``)."""
     stage = job.stage
     run_id = create_run(
         job.tracking_uri, experiment_id, name=stage.name, kind=KIND_STAGE, parent_run_id=parent_run_id,
-        tags={
-            "selftune.stage": stage.name, "selftune.stage_kind": stage.kind,
-            "selftune.stage_index": job.stage_index, "selftune.output_dir": job.output_dir,
-            **({"selftune.group": stage.group, "selftune.round": stage.round} if stage.group else {}),
-        },
+        tags={**stage_tags(job), **(tags or {})},
     )
     job = StageJob(**{**job.__dict__, "run_id": run_id})
     started = time.perf_counter()
-    with _terminates(job.tracking_uri, run_id):
+    with terminates(job.tracking_uri, run_id):
         RunTracker(job.tracking_uri, run_id).log_params(flatten(stage.model_dump(mode="json")))
-        summary = run_stage(job, pipeline.resources, storage_path=output_dir / "ray")
+        summary = execute(job)
     return StageResult(stage.name, stage.kind, job.output_dir, run_id, time.perf_counter() - started, summary)
 
 
-def _pipeline_metrics(stage: StageResult) -> dict[str, float]:
+def record_reused_stage(job: StageJob, experiment_id: str, parent_run_id: str, *, tags: dict[str, Any] | None = None) -> StageResult:
+    """A stage whose outputs already exist (a stage-cache hit): a FINISHED run with its params and
+    the stored summary metrics, so every trial's tree is complete in the UI."""
+    stage = job.stage
+    summary = job.read_summary()
+    run_id = create_run(
+        job.tracking_uri, experiment_id, name=stage.name, kind=KIND_STAGE, parent_run_id=parent_run_id,
+        tags={**stage_tags(job), **(tags or {})},
+    )
+    with terminates(job.tracking_uri, run_id):
+        tracker = RunTracker(job.tracking_uri, run_id)
+        tracker.log_params(flatten(stage.model_dump(mode="json")))
+        tracker.log_metrics({key: value for key, value in summary.items() if isinstance(value, (int, float))})
+    return StageResult(stage.name, stage.kind, job.output_dir, run_id, 0.0, summary)
+
+
+def pipeline_metrics(stage: StageResult) -> dict[str, float]:
     return {f"{stage.name}/{key}": stage.summary[key] for key in SUMMARY_KEYS if key in stage.summary}
 
 
-def _round_metrics(stage, result: StageResult) -> dict[str, float]:
+def round_metrics(stage, result: StageResult) -> dict[str, float]:
     inner = stage.name.removeprefix(f"{stage.group}-r{stage.round}-")
     return {f"{stage.group}/{inner}/{key}": result.summary[key] for key in SUMMARY_KEYS if key in result.summary}
 
 
 @contextmanager
-def _terminates(tracking_uri: str, run_id: str) -> Iterator[None]:
-    """End the run FINISHED on success, KILLED on Ctrl-C, FAILED (with the reason) otherwise."""
+def terminates(tracking_uri: str, run_id: str) -> Iterator[None]:
+    """End the run FINISHED on success, KILLED on Ctrl-C, FAILED (with the reason) otherwise.
+    ``SystemExit(0)`` is a success: Ray Tune ends a trial that way once it has reported enough."""
     try:
         yield
+    except SystemExit as exit_:
+        if exit_.code in (0, None):
+            finish_run(tracking_uri, run_id, "FINISHED")
+        else:
+            finish_run(tracking_uri, run_id, "FAILED", reason=f"SystemExit: {exit_.code}")
+        raise
     except KeyboardInterrupt:
         finish_run(tracking_uri, run_id, "KILLED", reason="interrupted")
         raise

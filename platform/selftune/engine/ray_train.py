@@ -67,18 +67,19 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     stage_function(job.stage.kind)(job, ctx)
 
 
-def ensure_ray() -> None:
+def ensure_ray(*, worker_output: bool = True) -> None:
     """Join the cluster this process belongs to (``RAY_ADDRESS``, e.g. inside a Ray job), or start a
-    local one sized to this machine."""
+    local one sized to this machine. ``worker_output=False`` keeps workers' prints (Ray Train's
+    per-report lines) off this terminal: a search prints its own progress."""
     import ray
 
     if ray.is_initialized():
         return
-    quiet = {"logging_level": "WARNING", "configure_logging": True, "include_dashboard": False}
+    quiet = {"logging_level": "WARNING", "log_to_driver": worker_output}
     if os.environ.get("RAY_ADDRESS"):
-        ray.init(address=os.environ["RAY_ADDRESS"], logging_level="WARNING")
+        ray.init(address=os.environ["RAY_ADDRESS"], **quiet)
     else:
-        ray.init(**quiet)
+        ray.init(include_dashboard=False, configure_logging=True, **quiet)
 
 
 def unwrap_worker_error(error: BaseException) -> BaseException:

@@ -6,6 +6,7 @@ from selftune.tracking.runs import (
     KIND_STAGE,
     NullTracker,
     RunTracker,
+    client,
     create_run,
     ensure_experiment,
     finish_run,
@@ -13,6 +14,6 @@ from selftune.tracking.runs import (
 )
 
 __all__ = [
-    "KIND_PIPELINE", "KIND_STAGE", "NullTracker", "RunTracker", "create_run", "ensure_experiment",
+    "KIND_PIPELINE", "KIND_STAGE", "NullTracker", "RunTracker", "client", "create_run", "ensure_experiment",
     "finish_run", "resolve_tracking_uri",
 ]

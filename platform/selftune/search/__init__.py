@@ -1,0 +1,1 @@
+"""Searching a pipeline's values: spaces, the stage cache, Tune trials, tuned final runs."""

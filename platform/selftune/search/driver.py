@@ -1,0 +1,245 @@
+"""``selftune search``: Ray Tune drives an Optuna sampler over a pipeline's values.
+
+The driver resolves the MLflow store once, creates (or, on ``--resume``, reopens) the search run,
+and fits a ``ray.tune.Tuner`` whose trials are ``selftune.search.trial.run_trial``. Optuna's study
+lives in ``<folder>/optuna.db`` and Tune's experiment in ``<folder>/tune``; ``Tuner.restore``
+brings both back, so a resumed search neither loses nor repeats trials.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import yaml
+
+from selftune.config import flatten
+from selftune.errors import ConfigError
+from selftune.search.space import SearchSpace
+from selftune.search.summary import KIND_SEARCH, TrialRow, best_row, format_rows, plot_search, trial_rows, find_search_run, write_csv
+from selftune.search.callbacks import Progress, TrialRunCloser, close_open_runs
+from selftune.search.searcher import StageAwareOptunaSearch
+from selftune.search.trial import OBJECTIVE, STAGE, TrialContext, run_trial
+from selftune.tracking import RunTracker, client, create_run, ensure_experiment, finish_run
+
+STATE = "search.json"  # in the search folder: what --resume needs
+
+
+@dataclass
+class SearchOutcome:
+    run_id: str
+    folder: Path
+    rows: list[TrialRow]
+    best: TrialRow | None
+
+
+def search_folder(space: SearchSpace, out_root: str | Path, resume: bool) -> Path:
+    """A new ``<out_root>/search-<name>-<time>`` folder, or with ``resume`` the latest one."""
+    root = Path(out_root).resolve()
+    if resume:
+        candidates = sorted(root.glob(f"search-{space.name}-*/{STATE}"), key=lambda p: p.stat().st_mtime)
+        if not candidates:
+            raise ConfigError(f"--resume: no earlier search of {space.source} under {root} (looked for search-{space.name}-*/{STATE})")
+        return candidates[-1].parent
+    folder = root / f"search-{space.name}-{time.strftime('%Y%m%d-%H%M%S')}"
+    suffix = 1
+    while folder.exists():
+        suffix += 1
+        folder = root / f"search-{space.name}-{time.strftime('%Y%m%d-%H%M%S')}-{suffix}"
+    folder.mkdir(parents=True)
+    return folder
+
+
+def run_search(
+    space: SearchSpace,
+    *,
+    tracking_uri: str,
+    out_root: str | Path = "runs",
+    resume: bool = False,
+    experiment: str | None = None,
+    progress: Callable[[str], None] = print,
+) -> SearchOutcome:
+    folder = search_folder(space, out_root, resume)
+    state = _open_search_run(space, folder, tracking_uri, experiment, resume)
+    run_id = state["search_run_id"]
+    progress(f"search {space.name}: folder {folder}; MLflow search run {run_id}")
+    try:
+        _fit(space, folder, state, tracking_uri, resume, progress)
+    except KeyboardInterrupt:
+        close_open_runs(tracking_uri, state["experiment_id"], run_id, "KILLED", "interrupted")
+        finish_run(tracking_uri, run_id, "KILLED", reason="interrupted; continue with --resume")
+        raise
+    except BaseException as error:
+        close_open_runs(tracking_uri, state["experiment_id"], run_id, "FAILED", f"search failed: {error}")
+        finish_run(tracking_uri, run_id, "FAILED", reason=f"{type(error).__name__}: {error}")
+        raise
+    rows = trial_rows(tracking_uri, client(tracking_uri).get_run(run_id))
+    best = best_row(rows, space.config.objective.mode)
+    _log_search_results(space, folder, tracking_uri, run_id, rows, best)
+    finish_run(tracking_uri, run_id, "FINISHED")
+    return SearchOutcome(run_id, folder, rows, best)
+
+
+def _open_search_run(space: SearchSpace, folder: Path, tracking_uri: str, experiment: str | None, resume: bool) -> dict[str, Any]:
+    state_path = folder / STATE
+    if resume:
+        state = json.loads(state_path.read_text())
+        if state["tracking_uri"] != tracking_uri:
+            raise ConfigError(f"--resume: {folder} was tracked in {state['tracking_uri']}, not {tracking_uri}; pass --tracking-uri")
+        # Whatever the interrupted search left open is closed now; its trials restart below.
+        close_open_runs(tracking_uri, state["experiment_id"], state["search_run_id"], "KILLED", "interrupted; resumed")
+        client(tracking_uri).update_run(state["search_run_id"], status="RUNNING")
+        return state
+    experiment_id = ensure_experiment(tracking_uri, experiment or space.name)
+    run_id = create_run(
+        tracking_uri, experiment_id, name=f"search-{space.name}", kind=KIND_SEARCH,
+        tags={"selftune.space": str(Path(space.source).resolve()), "selftune.pipeline_file": str(space.pipeline_path),
+              "selftune.output_dir": str(folder), "selftune.objective": space.config.objective.metric,
+              "selftune.mode": space.config.objective.mode},
+    )
+    tracker = RunTracker(tracking_uri, run_id)
+    tracker.log_params({f"space.{k}": v for k, v in flatten(space.config.model_dump(mode="json")).items()})
+    (folder / "space.yaml").write_text(yaml.safe_dump(space.config.model_dump(mode="json"), sort_keys=False))
+    tracker.log_artifact(folder / "space.yaml")
+    state = {"search_run_id": run_id, "experiment_id": experiment_id, "tracking_uri": tracking_uri,
+             "space": str(Path(space.source).resolve())}
+    state_path.write_text(json.dumps(state, indent=2))
+    return state
+
+
+def _fit(space: SearchSpace, folder: Path, state: dict[str, Any], tracking_uri: str, resume: bool, progress) -> None:
+    import ray.tune
+
+    from selftune.engine.ray_train import ensure_ray
+
+    ensure_ray(worker_output=False)
+    context = TrialContext(space=space, tracking_uri=tracking_uri, experiment_id=state["experiment_id"],
+                           search_run_id=state["search_run_id"], cache_root=str(folder / "stage-cache"))
+    trainable = ray.tune.with_resources(ray.tune.with_parameters(run_trial, context=context), {"cpu": 0.01})
+    callbacks = [TrialRunCloser(tracking_uri), Progress(space.config.budget.num_samples, space.config.objective.mode, progress)]
+    tune_path = folder / "tune"
+    if resume and ray.tune.Tuner.can_restore(str(tune_path)):
+        progress(f"resuming the Tune experiment in {tune_path}")
+        tuner = ray.tune.Tuner.restore(str(tune_path), trainable=trainable, resume_unfinished=True, resume_errored=False)
+        # Tuner.restore keeps the original RunConfig; the progress and MLflow callbacks are ours again.
+        tuner._local_tuner._run_config.callbacks = callbacks  # noqa: SLF001 - no public way to re-attach callbacks
+    else:
+        tuner = ray.tune.Tuner(
+            trainable,
+            tune_config=ray.tune.TuneConfig(
+                metric=OBJECTIVE, mode=space.config.objective.mode,
+                search_alg=make_searcher(space, folder), scheduler=make_scheduler(space),
+                num_samples=space.config.budget.num_samples,
+                max_concurrent_trials=max_concurrent(space),
+                time_budget_s=space.config.budget.time_limit_s,
+            ),
+            run_config=ray.tune.RunConfig(
+                name="tune", storage_path=str(folder), verbose=0, callbacks=callbacks,
+                failure_config=ray.tune.FailureConfig(max_failures=0, fail_fast=False),
+            ),
+        )
+    tuner.fit()
+
+
+def make_searcher(space: SearchSpace, folder: Path):
+    """Optuna through Tune's ``OptunaSearch``, define-by-run (conditional groups), with the study
+    in ``<folder>/optuna.db`` so it survives the driver."""
+    import optuna
+
+    settings = space.config.searcher
+    if settings.name == "tpe":
+        sampler = optuna.samplers.TPESampler(seed=settings.seed, n_startup_trials=settings.n_startup_trials, constant_liar=True)
+    elif settings.name == "random":
+        sampler = optuna.samplers.RandomSampler(seed=settings.seed)
+    else:
+        sampler = optuna.samplers.GridSampler(space.grid(), seed=settings.seed)
+    return StageAwareOptunaSearch(
+        space=space.suggest, metric=OBJECTIVE, mode=space.config.objective.mode, sampler=sampler,
+        points_to_evaluate=settings.points_to_evaluate or None,
+        study_name=space.name, storage=optuna.storages.RDBStorage(f"sqlite:///{folder / 'optuna.db'}"),
+    )
+
+
+def make_scheduler(space: SearchSpace):
+    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
+
+    settings = space.config.scheduler
+    if settings.name == "none":
+        return FIFOScheduler()
+    return ASHAScheduler(
+        time_attr=STAGE, max_t=space.stage_count(), grace_period=settings.grace_period,
+        reduction_factor=settings.reduction_factor,
+    )
+
+
+def max_concurrent(space: SearchSpace) -> int:
+    """Never more trials than the cluster can run at once: a trial waiting on CPUs or GPUs that
+    other trials hold only times out (Train's worker groups are invisible to Tune)."""
+    import ray
+
+    resources = space.pipeline_for(space.default_sample()).resources
+    cluster = ray.cluster_resources()
+    workers = max(1, resources.workers)
+    fit = int(cluster.get("CPU", 1) // (workers * resources.cpus_per_worker))
+    if resources.use_gpu:
+        fit = min(fit, int(cluster.get("GPU", 0) // workers))
+        if fit < 1:
+            raise ConfigError(f"{space.source}: a trial needs {workers} GPU(s) but the cluster has {cluster.get('GPU', 0)}")
+    wanted = space.config.budget.max_concurrent
+    return max(1, min(fit, wanted) if wanted else fit)
+
+
+def _log_search_results(space: SearchSpace, folder: Path, tracking_uri: str, run_id: str, rows: list[TrialRow], best: TrialRow | None) -> None:
+    tracker = RunTracker(tracking_uri, run_id)
+    tracker.log_artifact(write_csv(rows, folder / "results.csv"))
+    if rows:
+        tracker.log_artifact(plot_search(rows, folder / "search.png"))
+    importances = parameter_importances(folder, space.name)
+    if importances:
+        (folder / "importances.json").write_text(json.dumps(importances, indent=2))
+        tracker.log_artifact(folder / "importances.json")
+    tracker.log_metrics({"trials": len(rows), "trials_finished": sum(r.status == "FINISHED" for r in rows),
+                         "trials_stopped": sum(r.status == "STOPPED" for r in rows),
+                         "trials_failed": sum(r.status == "FAILED" for r in rows)})
+    if best is not None:
+        tracker.set_tags({"selftune.best_trial_id": best.trial_id, "selftune.best_trial_run_id": best.run_id})
+        tracker.log_params({f"best.{k}": v for k, v in best.params.items()})
+        tracker.log_metrics({"best/objective": best.objective})
+        (folder / "best_params.yaml").write_text(yaml.safe_dump(_typed(best.params, space), sort_keys=False))
+        tracker.log_artifact(folder / "best_params.yaml")
+
+
+def parameter_importances(folder: Path, study_name: str) -> dict[str, float]:
+    """Optuna's fANOVA importances over the completed trials ({} with fewer than two)."""
+    import optuna
+
+    study = optuna.load_study(study_name=study_name, storage=f"sqlite:///{folder / 'optuna.db'}")
+    complete = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
+    if len(complete) < 2:
+        return {}
+    try:
+        return {name: float(value) for name, value in optuna.importance.get_param_importances(study).items()}
+    except (RuntimeError, ValueError):  # e.g. every completed trial sampled the same values
+        return {}
+
+
+def _typed(params: dict[str, str], space: SearchSpace) -> dict[str, Any]:
+    """MLflow stores params as strings; read them back as YAML values (numbers stay numbers)."""
+    return {name: yaml.safe_load(value) for name, value in params.items() if name in space.param_names()}
+
+
+def format_outcome(outcome: SearchOutcome, tracking_uri: str) -> str:
+    lines = ["", format_rows(outcome.rows)]
+    if outcome.best:
+        lines.append(f"\nbest trial {outcome.best.trial_id}: objective {outcome.best.objective:.4f}")
+        lines += [f"  {k} = {v}" for k, v in outcome.best.params.items()]
+        lines.append(f"run it as a tuned final run with: selftune final --from {outcome.run_id}")
+    lines.append(f"\nfolder: {outcome.folder}\nMLflow search run {outcome.run_id}; browse with: mlflow ui --backend-store-uri {tracking_uri}")
+    return "\n".join(lines)
+
+
+__all__ = ["SearchOutcome", "run_search", "format_outcome", "find_search_run", "parameter_importances"]

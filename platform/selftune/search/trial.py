@@ -1,0 +1,183 @@
+"""One Tune trial: run the pipeline with the sampled values, stage by stage, through the stage cache.
+
+The trial function is the Ray 2.60 pattern (a plain function that fits a ``TorchTrainer`` per
+stage and calls ``ray.tune.report`` after each). Two details keep it cheap on small machines:
+
+* Ray Train's local mode refuses to run inside a Tune session (its ``ray.train.*`` calls raise),
+  so a ``workers: 0`` stage runs its local-mode ``TorchTrainer.fit()`` inside a Ray task: a pooled
+  worker process, ~0.1 s to start instead of 13-30 s for a worker group.
+* The stage cache: a stage already computed with the same effective inputs is reused.
+
+After every stage the trial reports ``stage`` (1-based, ASHA's time attribute, so rungs sit on
+stage boundaries) and ``objective`` (the objective metric if this stage produced it, else the
+latest training stage's ``val/miou``: comparable across trials at the same rung).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from selftune.config import PipelineConfig, ResourcesConfig, pipeline_to_dict
+from selftune.engine.pipeline import (
+    StageResult,
+    pipeline_metrics,
+    record_reused_stage,
+    round_metrics,
+    run_tracked_stage,
+    terminates,
+)
+from selftune.search.cache import StageCache, stage_key
+from selftune.search.space import SearchSpace
+from selftune.stages import ARTIFACT_OF_ROLE, StageJob
+from selftune.tracking import RunTracker, create_run, client
+
+KIND_TRIAL = "trial"
+OBJECTIVE = "objective"  # the Tune / Optuna metric name
+STAGE = "stage"  # ASHA's time attribute: stages completed
+
+
+@dataclass(frozen=True)
+class TrialContext:
+    """What every trial needs from the search driver (pickled into each trial)."""
+
+    space: SearchSpace
+    tracking_uri: str
+    experiment_id: str
+    search_run_id: str
+    cache_root: str
+
+
+def objective_value(metric: str, stage: StageResult, latest_val: float | None) -> float | None:
+    """The objective after ``stage``: ``metric`` itself when this stage logged it (``val/miou`` or
+    ``<stage>/<key>``), else the latest training stage's val mIoU."""
+    own = stage.summary.get(metric)
+    if own is None and metric.startswith(f"{stage.name}/"):
+        own = stage.summary.get(metric.removeprefix(f"{stage.name}/"))
+    return own if own is not None else latest_val
+
+
+def run_trial(config: dict[str, Any], context: TrialContext) -> None:
+    """The Tune trainable."""
+    import ray.tune
+
+    space = context.space
+    trial_id = ray.tune.get_context().get_trial_id()
+    pipeline = space.pipeline_for(config)
+    done = _stages_done(ray.tune.get_checkpoint())
+    trial_run_id = _trial_run(context, trial_id, config, pipeline)
+    tracker = RunTracker(context.tracking_uri, trial_run_id)
+    cache = StageCache(context.cache_root)
+    keys: dict[str, str] = {}
+    folders: dict[str, Path] = {}
+    latest_val: float | None = None
+    hits = 0
+    with terminates(context.tracking_uri, trial_run_id):
+        for index, stage in enumerate(pipeline.stages):
+            upstream = {role: keys[name] for role, name in stage.upstream().items()}
+            keys[stage.name] = key = stage_key(pipeline, index, upstream)
+            job_inputs = {role: str(folders[name] / ARTIFACT_OF_ROLE[role]) for role, name in stage.upstream().items()}
+            with cache.claim(stage.name, key) as (entry, hit):
+                folders[stage.name] = entry.folder
+                job = StageJob(pipeline=pipeline, stage_index=index, output_dir=str(entry.folder), inputs=job_inputs,
+                               tracking_uri=context.tracking_uri)
+                if index < done:
+                    if not hit:  # resumed, but the cache lost this stage: recompute it
+                        result = _compute(job, context, trial_run_id, pipeline.resources, key, trial_id)
+                    else:
+                        result = StageResult(stage.name, stage.kind, str(entry.folder), "", 0.0, job.read_summary())
+                elif hit:
+                    hits += 1
+                    result = record_reused_stage(job, context.experiment_id, trial_run_id,
+                                                 tags={"selftune.cache": "hit", "selftune.cache_key": key, "selftune.trial_id": trial_id})
+                else:
+                    result = _compute(job, context, trial_run_id, pipeline.resources, key, trial_id)
+            if "val/miou" in result.summary:
+                latest_val = result.summary["val/miou"]
+            if index < done:
+                continue
+            tracker.log_metrics(pipeline_metrics(result), step=index)
+            if stage.group:
+                tracker.log_metrics(round_metrics(stage, result), step=stage.round)
+            value = objective_value(space.config.objective.metric, result, latest_val)
+            metrics = {
+                STAGE: index + 1, "stages_total": len(pipeline.stages), "cache_hits": hits, "cache_hit": int(hit),
+                "trial_run_id": trial_run_id,
+                **{f"{stage.name}/{k}": v for k, v in result.summary.items() if isinstance(v, (int, float))},
+            }
+            tracker.log_metrics({"cache_hits": hits}, step=index)
+            if value is not None and math.isfinite(value):
+                metrics[OBJECTIVE] = value
+                tracker.log_metrics({OBJECTIVE: value}, step=index)
+            if index == len(pipeline.stages) - 1 and latest_val is not None:
+                tracker.log_metrics({"val/miou": latest_val})
+            with tempfile.TemporaryDirectory() as tmp:
+                (Path(tmp) / "state.json").write_text(json.dumps({"stages_done": index + 1}))
+                ray.tune.report(metrics, checkpoint=ray.tune.Checkpoint.from_directory(tmp))
+
+
+def _compute(job: StageJob, context: TrialContext, trial_run_id: str, resources: ResourcesConfig, key: str, trial_id: str = "") -> StageResult:
+    tags = {"selftune.cache": "miss", "selftune.cache_key": key, "selftune.trial_id": trial_id}
+    return run_tracked_stage(job, context.experiment_id, trial_run_id, lambda j: execute_stage(j, resources), tags=tags)
+
+
+def execute_stage(job: StageJob, resources: ResourcesConfig) -> dict[str, Any]:
+    """Run a stage from inside a Tune trial: worker groups directly, local mode in a Ray task."""
+    import ray
+
+    from selftune.engine.ray_train import run_stage
+
+    storage = Path(job.output_dir) / "ray"
+    if resources.workers > 0:
+        return run_stage(job, resources, storage_path=storage)
+    # "DEFAULT": schedule on the cluster's CPUs, not inside the trial's 0.01-CPU placement group.
+    task = ray.remote(_run_local_stage).options(num_cpus=resources.cpus_per_worker, scheduling_strategy="DEFAULT")
+    return ray.get(task.remote(job, resources, str(storage)))
+
+
+def _run_local_stage(job: StageJob, resources: ResourcesConfig, storage: str) -> dict[str, Any]:
+    import torch
+
+    from selftune.engine.ray_train import run_stage
+
+    torch.set_num_threads(max(1, int(resources.cpus_per_worker)))  # the task's CPU share, not the machine's
+    return run_stage(job, resources, storage_path=storage)
+
+
+def _stages_done(checkpoint) -> int:
+    if checkpoint is None:
+        return 0
+    with checkpoint.as_directory() as folder:
+        return json.loads((Path(folder) / "state.json").read_text())["stages_done"]
+
+
+def _trial_run(context: TrialContext, trial_id: str, config: dict[str, Any], pipeline: PipelineConfig) -> str:
+    """The trial's MLflow run; a resumed trial finds and reopens its run instead of making a second."""
+    mlflow = client(context.tracking_uri)
+    existing = mlflow.search_runs(
+        [context.experiment_id],
+        filter_string=f"tags.`selftune.trial_id` = '{trial_id}' and tags.`selftune.kind` = '{KIND_TRIAL}' "
+                      f"and tags.`mlflow.parentRunId` = '{context.search_run_id}'",
+    )
+    if existing:
+        run_id = existing[0].info.run_id
+        mlflow.update_run(run_id, status="RUNNING")
+        return run_id
+    run_id = create_run(
+        context.tracking_uri, context.experiment_id, name=f"trial-{trial_id}", kind=KIND_TRIAL,
+        parent_run_id=context.search_run_id,
+        tags={"selftune.trial_id": trial_id, "selftune.pipeline": pipeline.name},
+    )
+    tracker = RunTracker(context.tracking_uri, run_id)
+    tracker.log_params(config)  # only the sampled values, by their dotted names: what the UI compares
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "pipeline.yaml"
+        path.write_text(yaml.safe_dump(pipeline_to_dict(pipeline), sort_keys=False))
+        tracker.log_artifact(path)
+    return run_id
