@@ -67,8 +67,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except SelftuneError as error:
         print(f"selftune: error: {error}", file=sys.stderr)
         return EXIT_BAD_INPUT
-    except KeyboardInterrupt:
-        print("selftune: interrupted; MLflow runs were ended as KILLED", file=sys.stderr)
+    except KeyboardInterrupt as interrupt:
+        detail = f" ({interrupt})" if str(interrupt) else ""
+        print(f"selftune: interrupted{detail}; MLflow runs were ended as KILLED", file=sys.stderr)
         return EXIT_INTERRUPTED
 
 

@@ -67,6 +67,7 @@ def run_search(
     state = _open_search_run(space, folder, tracking_uri, experiment, resume)
     run_id = state["search_run_id"]
     progress(f"search {space.name}: folder {folder}; MLflow search run {run_id}")
+    started = time.monotonic()
     try:
         _fit(space, folder, state, tracking_uri, resume, progress)
     except KeyboardInterrupt:
@@ -78,10 +79,35 @@ def run_search(
         finish_run(tracking_uri, run_id, "FAILED", reason=f"{type(error).__name__}: {error}")
         raise
     rows = trial_rows(tracking_uri, client(tracking_uri).get_run(run_id))
+    if _interrupted(space, rows, started):
+        # Tune ends fit() quietly on Ctrl-C, after saving its state: say so, and keep it resumable.
+        reason = f"interrupted after {_ended(rows)} of {expected_trials(space)} trials; continue with --resume"
+        close_open_runs(tracking_uri, state["experiment_id"], run_id, "KILLED", reason)
+        finish_run(tracking_uri, run_id, "KILLED", reason=reason)
+        raise KeyboardInterrupt(reason)
     best = best_row(rows, space.config.objective.mode)
     _log_search_results(space, folder, tracking_uri, run_id, rows, best)
     finish_run(tracking_uri, run_id, "FINISHED")
     return SearchOutcome(run_id, folder, rows, best)
+
+
+def expected_trials(space: SearchSpace) -> int:
+    budget = space.config.budget.num_samples
+    if space.config.searcher.name == "grid":
+        sizes = [len(values) for values in space.grid().values()]
+        return min(budget, math.prod(sizes))
+    return budget
+
+
+def _ended(rows: list[TrialRow]) -> int:
+    return sum(row.status in ("FINISHED", "STOPPED", "FAILED") for row in rows)
+
+
+def _interrupted(space: SearchSpace, rows: list[TrialRow], started: float) -> bool:
+    limit = space.config.budget.time_limit_s
+    if limit is not None and time.monotonic() - started >= limit:
+        return False  # the time budget ended the search
+    return _ended(rows) < expected_trials(space)
 
 
 def _open_search_run(space: SearchSpace, folder: Path, tracking_uri: str, experiment: str | None, resume: bool) -> dict[str, Any]:

@@ -125,7 +125,7 @@ class SearchSpaceConfig(_Strict):
     pipeline: str
     set: dict[str, Any] = {}
     objective: Objective = Objective()
-    params: dict[str, dict[str, Any]] = Field(min_length=1)
+    params: dict[str, Any] = Field(min_length=1)
     searcher: SearcherConfig = SearcherConfig()
     scheduler: SchedulerConfig = SchedulerConfig()
     budget: BudgetConfig = BudgetConfig()

@@ -168,6 +168,8 @@ def _trial_run(context: TrialContext, trial_id: str, config: dict[str, Any], pip
     if existing:
         run_id = existing[0].info.run_id
         mlflow.update_run(run_id, status="RUNNING")
+        if "selftune.error" in existing[0].data.tags:  # the interruption it records is over
+            mlflow.delete_tag(run_id, "selftune.error")
         return run_id
     run_id = create_run(
         context.tracking_uri, context.experiment_id, name=f"trial-{trial_id}", kind=KIND_TRIAL,

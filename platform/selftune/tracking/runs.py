@@ -8,7 +8,9 @@ other working directories, and MLflow's default ``sqlite:///mlflow.db`` is relat
 
 from __future__ import annotations
 
+import logging
 import os
+import time
 from pathlib import Path
 from typing import Any, Iterable, Mapping
 
@@ -19,6 +21,8 @@ KIND_STAGE = "stage"
 TAG_KIND = "selftune.kind"
 _BATCH = 100  # MLflow accepts at most 1000 metrics / 100 params per log_batch call
 _MAX_PARAM_LENGTH = 6000
+_REPROBE_S = 60.0  # an unreachable server is probed again (GET /health, 2 s) at most this often
+_log = logging.getLogger(__name__)
 
 
 def resolve_tracking_uri(cli_uri: str | None = None) -> str:
@@ -77,12 +81,21 @@ def finish_run(tracking_uri: str, run_id: str, status: str, *, reason: str | Non
 
 
 class RunTracker:
-    """Logs to one MLflow run. Cheap to pickle: the client is created on first use in each process."""
+    """Logs to one MLflow run. Cheap to pickle: the client is created on first use in each process.
+
+    Logging is never fatal to training: when a call fails (the tracking server is unreachable after
+    MLflow's own HTTP retries, or refuses a value), one warning names the run and the error, and
+    ``not_logged`` lists every item that was lost. While the server is unreachable, later calls are
+    skipped at once (not retried for minutes each); a quick ``/health`` probe, at most every
+    ``_REPROBE_S`` seconds, resumes logging once it is back."""
 
     def __init__(self, tracking_uri: str, run_id: str):
         self.tracking_uri = tracking_uri
         self.run_id = run_id
         self._client = None
+        self.not_logged: list[str] = []
+        self._unreachable_since: float | None = None
+        self._warned = False
 
     @property
     def client(self):
@@ -91,34 +104,86 @@ class RunTracker:
         return self._client
 
     def __getstate__(self) -> dict[str, Any]:
-        return {"tracking_uri": self.tracking_uri, "run_id": self.run_id, "_client": None}
+        return {"tracking_uri": self.tracking_uri, "run_id": self.run_id, "_client": None,
+                "not_logged": [], "_unreachable_since": None, "_warned": False}
 
     def log_metrics(self, metrics: Mapping[str, float], step: int | None = None) -> None:
         from mlflow.entities import Metric
-        import time
 
         now = int(time.time() * 1000)
         entries = [Metric(key, float(value), now, step or 0) for key, value in metrics.items() if value is not None]
         for start in range(0, len(entries), _BATCH):
-            self.client.log_batch(self.run_id, metrics=entries[start:start + _BATCH])
+            batch = entries[start:start + _BATCH]
+            self._send(f"metrics {', '.join(m.key for m in batch)} (step {step or 0})",
+                       lambda: self.client.log_batch(self.run_id, metrics=batch))
 
     def log_params(self, params: Mapping[str, Any]) -> None:
         from mlflow.entities import Param
 
         entries = [Param(key, str(value)[:_MAX_PARAM_LENGTH]) for key, value in params.items()]
         for start in range(0, len(entries), _BATCH):
-            self.client.log_batch(self.run_id, params=entries[start:start + _BATCH])
+            batch = entries[start:start + _BATCH]
+            self._send(f"params {', '.join(p.key for p in batch)}", lambda: self.client.log_batch(self.run_id, params=batch))
 
     def set_tags(self, tags: Mapping[str, Any]) -> None:
         for key, value in tags.items():
-            self.client.set_tag(self.run_id, key, str(value))
+            self._send(f"tag {key}", lambda: self.client.set_tag(self.run_id, key, str(value)))
 
     def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
-        self.client.log_artifact(self.run_id, str(path), artifact_path)
+        self._send(f"artifact {path}", lambda: self.client.log_artifact(self.run_id, str(path), artifact_path))
 
     def log_artifacts(self, paths: Iterable[str | Path], artifact_path: str | None = None) -> None:
         for path in paths:
             self.log_artifact(path, artifact_path)
+
+    def _send(self, what: str, call) -> None:
+        if self._unreachable_since is not None and not self._back_online():
+            self.not_logged.append(what)
+            return
+        try:
+            call()
+            self._unreachable_since = None
+        except Exception as error:  # noqa: BLE001  (MlflowException, requests errors: never fatal to training)
+            self.not_logged.append(what)
+            if _is_unreachable(error):
+                self._unreachable_since = time.monotonic()
+            if not self._warned:
+                self._warned = True
+                _log.warning(
+                    "MLflow run %s at %s: logging failed (%s: %s); training goes on, and what is not logged "
+                    "is collected (first: %s)", self.run_id, self.tracking_uri, type(error).__name__,
+                    str(error).splitlines()[0][:300] if str(error) else "", what,
+                )
+
+    def _back_online(self) -> bool:
+        if time.monotonic() - self._unreachable_since < _REPROBE_S:
+            return False
+        self._unreachable_since = time.monotonic()
+        return _server_healthy(self.tracking_uri)
+
+
+def _is_unreachable(error: BaseException) -> bool:
+    """A connection failure or timeout anywhere in the exception chain (MLflow wraps them)."""
+    import requests
+
+    seen = set()
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        if isinstance(error, (requests.exceptions.ConnectionError, requests.exceptions.Timeout, ConnectionError, TimeoutError)):
+            return True
+        error = error.__cause__ or error.__context__
+    return False
+
+
+def _server_healthy(tracking_uri: str) -> bool:
+    if not tracking_uri.startswith(("http://", "https://")):
+        return True  # a database URI: just try again
+    import requests
+
+    try:
+        return requests.get(tracking_uri.rstrip("/") + "/health", timeout=2).status_code == 200
+    except requests.exceptions.RequestException:
+        return False
 
 
 class NullTracker:
