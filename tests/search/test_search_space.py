@@ -78,7 +78,7 @@ def test_unknown_points_to_evaluate_names_are_errors(tmp_path):
 ALPHA = "stages.dst.schedules.label.alpha"
 CONDITIONAL = {
     ALPHA: {
-        "type": "conditional", "on": "shape",
+        "type": "conditional", "key": "shape",
         "branches": {
             "linear": {"start": {"type": "float", "low": 0.1, "high": 0.5}, "end": 1.0},
             "step": {"start": {"type": "float", "low": 0.1, "high": 0.3}, "milestones": [2, 4],
@@ -120,14 +120,14 @@ def test_optuna_samples_only_the_chosen_branch(tmp_path):
 
 def test_a_schedule_corner_that_leaves_the_valid_range_is_caught(tmp_path):
     # 0.3 * 3.0^2 = 2.7 > 1 in the last round: alpha must stay a fraction.
-    space = {ALPHA: {"type": "conditional", "on": "shape", "branches": {
+    space = {ALPHA: {"type": "conditional", "key": "shape", "branches": {
         "step": {"start": 0.3, "milestones": [2, 4], "factor": {"type": "float", "low": 1.5, "high": 3.0}}}}}
     with pytest.raises(ConfigError, match=r"alpha\.step\.factor=3\.0.* gives an invalid pipeline: .*alpha: Input should be less than or equal to 1"):
         load_search_space(write_space(tmp_path, space, pipeline=DST_CBC))
 
 
 def test_every_branch_is_validated_against_the_pipeline(tmp_path):
-    bad = {ALPHA: {"type": "conditional", "on": "shape", "branches": {"linear": {"start": 0.2}}}}  # no end
+    bad = {ALPHA: {"type": "conditional", "key": "shape", "branches": {"linear": {"start": 0.2}}}}  # no end
     with pytest.raises(ConfigError, match=r"gives an invalid pipeline: .*end"):
         load_search_space(write_space(tmp_path, bad, pipeline=DST_CBC))
 

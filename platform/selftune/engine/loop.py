@@ -17,14 +17,15 @@ from torch.nn.parallel import DistributedDataParallel
 
 from selftune.config import OptimizerConfig
 from selftune.engine.context import WorkerContext
+from selftune.errors import SelftuneError
 from selftune.metrics import ConfusionMatrix
 
 Batch = Mapping[str, torch.Tensor]
 LossFn = Callable[[nn.Module, Batch], dict[str, torch.Tensor]]
 
 
-class TrainingDiverged(RuntimeError):
-    """A loss became NaN or infinite."""
+class TrainingDiverged(SelftuneError, RuntimeError):
+    """A loss became NaN or infinite: usually a learning rate too high for the model and data."""
 
 
 def make_optimizer(model: nn.Module, config: OptimizerConfig) -> torch.optim.Optimizer:
@@ -92,7 +93,8 @@ def train_steps(
             totals[name] = totals.get(name, 0.0) + value.detach().float()
     means = {name: (total / steps).item() for name, total in totals.items()}
     if not all(math.isfinite(value) for value in means.values()):
-        raise TrainingDiverged(f"loss became non-finite: {means}")
+        shown = ", ".join(f"{name} {value:.4g}" for name, value in means.items())
+        raise TrainingDiverged(f"training diverged: the loss became non-finite ({shown}); lower the learning rate")
     return means
 
 

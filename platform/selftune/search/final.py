@@ -21,7 +21,7 @@ from typing import Any, Callable
 
 import yaml
 
-from selftune.config import load_pipeline, read_yaml
+from selftune.config import load_pipeline, read_yaml, set_dotted
 from selftune.engine.pipeline import PipelineResult, run_pipeline
 from selftune.errors import ConfigError
 from selftune.report import print_stage_table, stage_header
@@ -35,7 +35,8 @@ FINAL_KEYS = {"set", "seeds"}
 
 
 def best_values(tracking_uri: str, reference: str) -> tuple[dict[str, Any], str, Any]:
-    """(pipeline path -> value, pipeline file, search run) of a finished search's best trial."""
+    """(pipeline path -> value, pipeline file, search run) of a finished search's best trial: the
+    space's fixed ``set:`` values and the trial's sampled ones, i.e. the pipeline the trial ran."""
     run = find_search_run(tracking_uri, reference)
     tags = run.data.tags
     if "selftune.best_trial_run_id" not in tags:
@@ -45,7 +46,7 @@ def best_values(tracking_uri: str, reference: str) -> tuple[dict[str, Any], str,
         raise ConfigError(f"search run {run.info.run_id}: its search space {space_file!r} is no longer there; use --params")
     space = load_search_space(space_file)
     sample = {name.removeprefix("best."): yaml.safe_load(value) for name, value in run.data.params.items() if name.startswith("best.")}
-    return space.values_for(sample), str(space.pipeline_path), run
+    return {**space.config.set, **space.values_for(sample)}, str(space.pipeline_path), run
 
 
 def final_plan(raw_pipeline: dict[str, Any], source: str) -> tuple[dict[str, Any], list[int | None]]:
@@ -87,6 +88,8 @@ def run_final(
         values = read_yaml(params_file)
         tags = {"selftune.params_file": str(Path(params_file).resolve())}
     raw = read_yaml(pipeline_file)
+    for key, value in values.items():
+        set_dotted(raw, key, value, pipeline_file)
     final_overrides, seeds = final_plan(raw, pipeline_file)
     settings = [f"{k}={_yaml(v)}" for k, v in {**values, **final_overrides}.items()] + list(overrides)
     results = []

@@ -11,14 +11,14 @@ A space names a pipeline file and maps dotted pipeline paths to parameters::
       stages.self_train.gamma: {type: categorical, choices: [0, 2, 9]}
       stages.dst.schedules.label.alpha:            # a conditional group: a schedule family
         type: conditional
-        on: shape
+        key: shape
         branches:
           linear: {start: {type: float, low: 0.1, high: 0.5}, end: 1.0}
-          step: {start: 0.2, milestones: [2, 4], factor: {type: float, low: 1.5, high: 3.0}}
+          step: {start: 0.2, milestones: [2, 4], factor: {type: float, low: 1.2, high: 2.0}}
 
 Optuna names the sampled values by their dotted path; a conditional group samples
-``<path>.<on>`` and then only its chosen branch's ``<path>.<branch>.<key>`` values, and the
-pipeline receives ``{on: branch, **branch values}`` at ``path``.
+``<path>.<key>`` and then only its chosen branch's ``<path>.<branch>.<name>`` values, and the
+pipeline receives ``{key: branch, **branch values}`` at ``path``.
 
 Everything is validated the way Optuna's distributions are (``low <= high``, ``log`` needs
 ``low > 0``), and every path is checked against the pipeline, before Ray starts.
@@ -79,7 +79,7 @@ class ConditionalParam(_Strict):
     """A value that is a mapping whose keys depend on one choice (e.g. a schedule's ``shape``)."""
 
     type: Literal["conditional"]
-    on: str
+    key: str  # the mapping key the chosen branch name goes to (e.g. "shape"); not "on": YAML reads that as true
     branches: dict[str, dict[str, Any]] = Field(min_length=1)
 
 
@@ -150,7 +150,7 @@ class SearchSpace:
         """Optuna define-by-run: sample every parameter on ``trial`` (an ``optuna.Trial``)."""
         for path, param in self.params.items():
             if isinstance(param, ConditionalParam):
-                branch = trial.suggest_categorical(f"{path}.{param.on}", list(param.branches))
+                branch = trial.suggest_categorical(f"{path}.{param.key}", list(param.branches))
                 for key, value in param.branches[branch].items():
                     if _is_leaf(value):
                         _suggest_leaf(trial, f"{path}.{branch}.{key}", value)
@@ -182,8 +182,8 @@ class SearchSpace:
         values: dict[str, Any] = {}
         for path, param in self.params.items():
             if isinstance(param, ConditionalParam):
-                branch = sample[f"{path}.{param.on}"]
-                value = {param.on: branch}
+                branch = sample[f"{path}.{param.key}"]
+                value = {param.key: branch}
                 for key, item in param.branches[branch].items():
                     value[key] = sample[f"{path}.{branch}.{key}"] if _is_leaf(item) else deep_copy(item)
                 values[path] = value
@@ -222,7 +222,7 @@ class SearchSpace:
         names = []
         for path, param in self.params.items():
             if isinstance(param, ConditionalParam):
-                names.append(f"{path}.{param.on}")
+                names.append(f"{path}.{param.key}")
                 for branch, items in param.branches.items():
                     names += [f"{path}.{branch}.{key}" for key, item in items.items() if _is_leaf(item)]
             else:
@@ -237,7 +237,7 @@ def _extremes_at(path: str, param: Leaf | ConditionalParam) -> list[dict[str, An
             leaf_options = {f"{path}.{branch}.{key}": _leaf_bounds(item) for key, item in items.items() if _is_leaf(item)}
             width = max([len(v) for v in leaf_options.values()] or [1])
             for i in range(width):
-                sample = {f"{path}.{param.on}": branch}
+                sample = {f"{path}.{param.key}": branch}
                 sample.update({name: values[min(i, len(values) - 1)] for name, values in leaf_options.items()})
                 out.append(sample)
         return out
@@ -270,8 +270,8 @@ def _parse_param(spec: Any, where: str) -> Leaf | ConditionalParam:
         for branch, items in group.branches.items():
             if not isinstance(items, dict):
                 raise ConfigError(f"{where}.branches.{branch}: must be a mapping of key -> value or parameter")
-            if group.on in items:
-                raise ConfigError(f"{where}.branches.{branch}.{group.on}: set by the branch name; remove it")
+            if group.key in items:
+                raise ConfigError(f"{where}.branches.{branch}.{group.key}: set by the branch name; remove it")
             group.branches[branch] = {
                 key: _parse_leaf(value, f"{where}.branches.{branch}.{key}") if _is_param(value) else value
                 for key, value in items.items()
