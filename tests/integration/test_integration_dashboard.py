@@ -36,13 +36,19 @@ CHROMIUM_FLAGS = [
 ]
 
 
-def browser(profile: Path):
-    webdriver = pytest.importorskip("selenium.webdriver", reason="selenium not installed (pip install -e '.[test]')")
-    from selenium.webdriver.chrome.service import Service
-
+def require_browser() -> None:
+    """Skip (before any server or run is started) when Chromium, chromedriver or selenium is missing."""
+    pytest.importorskip("selenium.webdriver", reason="selenium not installed (pip install -e '.[test]')")
     for binary in (CHROMIUM, CHROMEDRIVER):
         if not Path(binary).exists():
             pytest.skip(f"{binary} missing: apt-get install -y chromium chromium-driver")
+
+
+def browser(profile: Path):
+    require_browser()
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+
     options = webdriver.ChromeOptions()
     options.binary_location = CHROMIUM
     for flag in [*CHROMIUM_FLAGS, f"--user-data-dir={profile}"]:
@@ -51,6 +57,7 @@ def browser(profile: Path):
 
 
 def test_mlflow_ui_lists_runs_with_params_and_val_miou(tmp_path):
+    require_browser()
     from mlflow import MlflowClient
     from selenium.webdriver.common.by import By
     from selenium.webdriver.common.keys import Keys
