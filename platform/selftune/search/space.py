@@ -129,6 +129,7 @@ class SearchSpaceConfig(_Strict):
     searcher: SearcherConfig = SearcherConfig()
     scheduler: SchedulerConfig = SchedulerConfig()
     budget: BudgetConfig = BudgetConfig()
+    stage_cache: bool = True  # false: every trial computes every stage (for comparisons)
 
 
 class SearchSpace:

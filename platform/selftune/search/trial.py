@@ -73,7 +73,8 @@ def run_trial(config: dict[str, Any], context: TrialContext) -> None:
     done = _stages_done(ray.tune.get_checkpoint())
     trial_run_id = _trial_run(context, trial_id, config, pipeline)
     tracker = RunTracker(context.tracking_uri, trial_run_id)
-    cache = StageCache(context.cache_root)
+    # Without the shared cache a trial still caches for itself, so a resumed trial skips its done stages.
+    cache = StageCache(context.cache_root if space.config.stage_cache else Path(context.cache_root) / trial_id)
     keys: dict[str, str] = {}
     folders: dict[str, Path] = {}
     latest_val: float | None = None
