@@ -42,7 +42,7 @@ def cluster(tmp_path, session_home):
         subprocess.run([ray, "stop", "--force"], env=env, capture_output=True, timeout=120)
 
 
-def test_a_search_submitted_as_a_ray_job_succeeds_and_logs_its_runs(tmp_path, cluster, session_home):
+def test_a_search_submitted_as_a_ray_job_succeeds_logs_its_runs_and_needs_the_token(tmp_path, cluster, session_home):
     job_dir = tmp_path / "job"
     job_dir.mkdir()
     (job_dir / "space.yaml").write_text(yaml.safe_dump({
@@ -64,18 +64,16 @@ def test_a_search_submitted_as_a_ray_job_succeeds_and_logs_its_runs(tmp_path, cl
         env=cluster["env"], capture_output=True, text=True, timeout=600,
     )
     assert submit.returncode == 0, submit.stdout[-3000:] + submit.stderr[-3000:]
-    assert "SUCCEEDED" in submit.stdout
+    assert "succeeded" in submit.stdout.lower()  # ray job submit waits for the job and exits 0 only on success
     client = MlflowClient(tracking_uri)
     experiment = client.get_experiment_by_name("job").experiment_id
     kinds = [run.data.tags["selftune.kind"] for run in client.search_runs([experiment])]
     assert kinds.count("search") == 1 and kinds.count("trial") == 2 and kinds.count("stage") == 6
     assert all(run.info.status == "FINISHED" for run in client.search_runs([experiment]))
-
-
-def test_a_client_without_the_token_is_refused(cluster):
-    env = {**cluster["env"]}
+    # ...and the cluster refuses a client without its token.
+    env = {**cluster["env"], "RAY_AUTH_MODE": "disabled"}
     env.pop("RAY_AUTH_TOKEN")
-    env["RAY_AUTH_MODE"] = "disabled"
     listing = subprocess.run([cluster["ray"], "job", "list", "--address", cluster["address"]],
                              env=env, capture_output=True, text=True, timeout=120)
     assert listing.returncode != 0
+
