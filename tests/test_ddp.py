@@ -36,13 +36,13 @@ def test_quickstart_with_two_gloo_workers(tmp_path, tracking_uri):
 
     pipeline = load_pipeline(QUICKSTART)
     assert len(labels) == len(prepare_data(pipeline.data, pipeline.seed).unlabelled)
-    # Learning happened across workers: the training loss fell in both training stages. (A quality
-    # bar belongs here once the synthetic dataset is calibrated; see the README's status note.)
+    # Learning happened across workers: the training loss fell in both training stages, and both
+    # models are far above predicting background everywhere (val mIoU ~0.11 on this dataset).
     from mlflow import MlflowClient
 
     client = MlflowClient(tracking_uri)
     for name in ("supervised", "self_train"):
         losses = [m.value for m in client.get_metric_history(stages[name].info.run_id, "train/loss")]
         assert losses[-1] < losses[0]
-        assert 0.0 < stages[name].data.metrics["val/miou"] <= 1.0
+        assert 0.3 < stages[name].data.metrics["val/miou"] <= 1.0
 

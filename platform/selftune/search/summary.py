@@ -1,5 +1,6 @@
-"""The search's results, read back from MLflow: the table ``selftune search`` ends with and
-``selftune show`` prints later, the CSV, the plots and Optuna's parameter importances."""
+"""The search's results, read back from MLflow (completed from Tune's own results when MLflow
+missed some): the table ``selftune search`` ends with and ``selftune show`` prints later, the CSV,
+the plots and Optuna's parameter importances."""
 
 from __future__ import annotations
 
@@ -26,6 +27,7 @@ class TrialRow:
     objective: float | None = None
     cache_hits: int = 0
     error: str | None = None
+    started: int = 0  # ms since the epoch: rows are listed in the order trials started
 
 
 def find_search_run(tracking_uri: str, reference: str) -> Any:
@@ -69,9 +71,56 @@ def trial_rows(tracking_uri: str, search_run) -> list[TrialRow]:
             trial_id=tags.get("selftune.trial_id", run.info.run_id), run_id=run.info.run_id, status=status,
             params=dict(run.data.params), stage_metrics=stage_metrics,
             objective=metrics.get("objective"), cache_hits=int(metrics.get("cache_hits", 0)),
-            error=tags.get("selftune.error"),
+            error=tags.get("selftune.error"), started=run.info.start_time or 0,
         ))
-    return sorted(rows, key=lambda row: row.trial_id)
+    return sorted(rows, key=lambda row: (row.started, row.trial_id))
+
+
+def reported_rows(results) -> list[TrialRow]:
+    """The trial table from Tune's own results (a ``ResultGrid``): every value the trials reported,
+    whatever reached MLflow. Status: FAILED (an error), FINISHED (every stage ran) or STOPPED."""
+    rows = []
+    for result in results:
+        last = result.metrics or {}
+        if "trial_id" not in last:
+            continue  # never reported (failed before its first stage ended): MLflow has its error
+        stage_metrics: dict[str, dict[str, float]] = {}
+        history = result.metrics_dataframe
+        for record in ([] if history is None else history.to_dict("records")):
+            for key, value in record.items():
+                for suffix in ("/val/miou", "/pseudo_label/miou"):
+                    if isinstance(key, str) and key.endswith(suffix) and key.count("/") == suffix.count("/") \
+                            and isinstance(value, (int, float)) and math.isfinite(value):
+                        stage_metrics.setdefault(key.removesuffix(suffix), {})[suffix[1:]] = float(value)
+        finished = last.get("stage") == last.get("stages_total")
+        rows.append(TrialRow(
+            trial_id=last["trial_id"], run_id=last.get("trial_run_id") or "",
+            status="FAILED" if result.error else ("FINISHED" if finished else "STOPPED"),
+            params={key: str(value) for key, value in (result.config or {}).items()}, stage_metrics=stage_metrics,
+            objective=last.get("objective"), cache_hits=int(last.get("cache_hits", 0)),
+            error=f"{type(result.error).__name__}: {result.error}" if result.error else None,
+        ))
+    return rows
+
+
+def merge_rows(logged: list[TrialRow], reported: list[TrialRow], prefer_reported: bool) -> list[TrialRow]:
+    """MLflow's rows completed by Tune's: a trial MLflow lacks comes from Tune, a missing value is
+    filled in, and with ``prefer_reported`` (MLflow missed some logging) Tune's values win."""
+    rows = {row.trial_id: row for row in logged}
+    for new in reported:
+        old = rows.get(new.trial_id)
+        if old is None:
+            rows[new.trial_id] = new
+            continue
+        first, second = (new, old) if prefer_reported else (old, new)
+        old.params = {**second.params, **first.params}
+        for stage in {*old.stage_metrics, *new.stage_metrics}:
+            old.stage_metrics[stage] = {**second.stage_metrics.get(stage, {}), **first.stage_metrics.get(stage, {})}
+        old.objective = first.objective if first.objective is not None else second.objective
+        old.cache_hits = max(old.cache_hits, new.cache_hits)
+        if old.status == "RUNNING" or (prefer_reported and old.status in ("FINISHED", "STOPPED")):
+            old.status = new.status  # MLflow may not have been told how the trial ended
+    return sorted(rows.values(), key=lambda row: row.trial_id)
 
 
 def best_row(rows: list[TrialRow], mode: str) -> TrialRow | None:
