@@ -99,6 +99,23 @@ def test_worker_processes_do_not_repeat_each_others_augmentations(tmp_path, png)
     assert not torch.equal(crops[0], crops[1]) and not torch.equal(crops[2], crops[3])
 
 
+
+def test_in_process_augmentations_repeat_for_a_seed_and_differ_across_seeds(tmp_path, png):
+    """With loader_workers 0 (the CPU default) the loader seeds the augmentations itself: the same
+    seed gives the same crops run after run (the stage cache and comparisons depend on it)."""
+    rng = np.random.default_rng(0)
+    image = png(tmp_path / "i.png", rng.integers(0, 256, (24, 24, 3), dtype=np.uint8))
+    samples = [Sample(f"copy{k}", image, None) for k in range(4)]
+
+    def crops(seed: int) -> list[torch.Tensor]:
+        # A fresh, unseeded transform each time, as stages build them.
+        dataset = SegmentationDataset(samples, num_classes=2, transform=weak_augmentation(8), masks="none")
+        return [batch["image"][0] for batch in make_loader(dataset, batch_size=1, shuffle=False, seed=seed)]
+
+    first, again, other = crops(3), crops(3), crops(4)
+    assert all(torch.equal(a, b) for a, b in zip(first, again))
+    assert not all(torch.equal(a, b) for a, b in zip(first, other))
+
 # ---------------------------------------------------------------------------------------------- padding
 
 

@@ -112,12 +112,18 @@ class SegmentationDataset(Dataset):
             )
         return mask
 
+    def seed_augmentations(self, seed: int) -> None:
+        """Seed the weak and strong augmentation streams (distinct streams, both from ``seed``)."""
+        for offset, transform in enumerate((self.transform, self.strong_transform)):
+            if transform is not None and hasattr(transform, "set_random_state"):
+                seeded(transform, seed + offset)
+
     def _reseed_in_worker(self) -> None:
         # Forked DataLoader workers inherit identical albumentations random states; give each
         # worker its own stream from torch's per-worker seed (itself drawn from the loader's seed).
         info = get_worker_info()
-        if info is not None and self._worker_seed != info.seed and hasattr(self.transform, "set_random_state"):
-            seeded(self.transform, info.seed)
+        if info is not None and self._worker_seed != info.seed:
+            self.seed_augmentations(info.seed)
             self._worker_seed = info.seed
 
 

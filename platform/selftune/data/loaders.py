@@ -80,6 +80,9 @@ def make_loader(
     # Worker processes and augmentations are seeded from this generator; mixing in the rank keeps
     # rank 0's worker 0 from augmenting exactly like rank 1's worker 0.
     generator = torch.Generator().manual_seed(seed + 1_000_003 * rank)
+    if num_workers == 0 and hasattr(dataset, "seed_augmentations"):
+        # No worker processes to reseed them: seed the augmentations here, or runs are not repeatable.
+        dataset.seed_augmentations(seed + 1_000_003 * rank)
     sampler = None
     if world_size > 1:
         sampler = DistributedSampler(
