@@ -29,7 +29,8 @@ def build_parser() -> argparse.ArgumentParser:
     search.add_argument("space", help="search space YAML, e.g. search_spaces/quickstart.yaml")
     _add_common(search)
     search.add_argument("--resume", action="store_true", help="continue the latest interrupted search of this space")
-    search.add_argument("--out", default="runs", help="folder that holds search folders (default: runs)")
+    search.add_argument("--out", default=os.environ.get("SELFTUNE_STORAGE") or "runs",
+                        help="folder that holds search folders (default: $SELFTUNE_STORAGE if set, else runs)")
 
     show = commands.add_parser("show", help="print a search's trial table from MLflow")
     show.add_argument("reference", help="an MLflow experiment name (its latest search) or a search run id")
@@ -89,6 +90,7 @@ def command_run(args: argparse.Namespace) -> int:
     from selftune.config import load_pipeline
     from selftune.engine.pipeline import run_pipeline
     from selftune.report import print_stage_table, stage_header
+    from selftune import tracking
     from selftune.tracking import resolve_tracking_uri
 
     import selftune.stages  # noqa: F401  (registers every stage kind before the YAML is validated)
@@ -103,6 +105,10 @@ def command_run(args: argparse.Namespace) -> int:
     )
     print_stage_table(result)
     print(f"\noutputs: {result.output_dir}\nMLflow run {result.run_id}; browse with: mlflow ui --backend-store-uri {tracking_uri}")
+    missed = tracking.not_logged()  # the tracking server went away mid-run: say what it did not get
+    if missed:
+        tracking.write_not_logged(Path(result.output_dir) / tracking.NOT_LOGGED, missed)
+        print(tracking.describe_not_logged(missed, tracking_uri, Path(result.output_dir) / tracking.NOT_LOGGED))
     return 0
 
 

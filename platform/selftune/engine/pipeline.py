@@ -24,7 +24,10 @@ from selftune.config import PipelineConfig, flatten, pipeline_to_dict
 from selftune.errors import ConfigError
 from selftune.stages import ARTIFACT_OF_ROLE, StageJob
 from selftune.stages.data import prepare_data
-from selftune.tracking import KIND_PIPELINE, KIND_STAGE, RunTracker, create_run, ensure_experiment, finish_run
+from selftune.tracking import (
+    KIND_PIPELINE, KIND_STAGE, NOT_LOGGED, RunTracker, absorb_not_logged, create_run, ensure_experiment, finish_run,
+    require_reachable,
+)
 
 SUMMARY_KEYS = ("val/miou", "pseudo_label/miou", "pseudo_label/kept_fraction", "pseudo_label/class_coverage")
 
@@ -82,6 +85,7 @@ def run_pipeline(
     """Validate inputs, then run every stage; MLflow runs end FAILED/KILLED if anything goes wrong."""
     from selftune.engine.ray_train import run_stage
 
+    require_reachable(tracking_uri)  # fail fast on a tracking server that does not answer
     prepare_data(pipeline.data, pipeline.seed)  # fail fast on a bad dataset, before any run exists
     output_dir = new_output_dir(out, pipeline.name)
     resolved = pipeline_to_dict(pipeline)
@@ -142,13 +146,16 @@ def run_tracked_stage(
     stage = job.stage
     run_id = create_run(
         job.tracking_uri, experiment_id, name=stage.name, kind=KIND_STAGE, parent_run_id=parent_run_id,
-        tags={**stage_tags(job), **(tags or {})},
+        tags={**stage_tags(job), **(tags or {})}, required=False,
     )
-    job = StageJob(**{**job.__dict__, "run_id": run_id})
+    job = StageJob(**{**job.__dict__, "run_id": run_id})  # run_id None (not created): workers log nothing
     started = time.perf_counter()
-    with terminates(job.tracking_uri, run_id):
-        RunTracker(job.tracking_uri, run_id).log_params(flatten(stage.model_dump(mode="json")))
-        summary = execute(job)
+    try:
+        with terminates(job.tracking_uri, run_id):
+            RunTracker(job.tracking_uri, run_id).log_params(flatten(stage.model_dump(mode="json")))
+            summary = execute(job)
+    finally:
+        absorb_not_logged(job.output(NOT_LOGGED))  # what the stage's workers could not log
     return StageResult(stage.name, stage.kind, job.output_dir, run_id, time.perf_counter() - started, summary)
 
 
@@ -159,7 +166,7 @@ def record_reused_stage(job: StageJob, experiment_id: str, parent_run_id: str, *
     summary = job.read_summary()
     run_id = create_run(
         job.tracking_uri, experiment_id, name=stage.name, kind=KIND_STAGE, parent_run_id=parent_run_id,
-        tags={**stage_tags(job), **(tags or {})},
+        tags={**stage_tags(job), **(tags or {})}, required=False,
     )
     with terminates(job.tracking_uri, run_id):
         tracker = RunTracker(job.tracking_uri, run_id)

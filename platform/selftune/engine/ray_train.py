@@ -16,6 +16,7 @@ from selftune.config import ResourcesConfig
 from selftune.engine.context import WorkerContext
 from selftune.errors import SelftuneError
 from selftune.stages import StageJob, stage_function
+from selftune import tracking
 from selftune.tracking import NullTracker, RunTracker
 
 
@@ -64,7 +65,12 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         precision=config["precision"] if device.type == "cuda" else "fp32",
         report=lambda metrics: ray.train.report(dict(metrics)),
     )
-    stage_function(job.stage.kind)(job, ctx)
+    mark = len(tracking.not_logged())
+    try:
+        stage_function(job.stage.kind)(job, ctx)
+    finally:  # what this worker could not log goes to the stage folder; the stage's starter absorbs it
+        if rank == 0 and len(tracking.not_logged()) > mark:
+            tracking.write_not_logged(job.output(tracking.NOT_LOGGED), tracking.take_not_logged(mark))
 
 
 def ensure_ray(*, worker_output: bool = True) -> None:

@@ -9,7 +9,7 @@ from ray.tune import Callback
 
 from selftune.search.searcher import stopped_early
 from selftune.search.trial import OBJECTIVE, STAGE
-from selftune.tracking import client
+from selftune.tracking import attempt, client
 
 
 class TrialRunCloser(Callback):
@@ -25,6 +25,10 @@ class TrialRunCloser(Callback):
         run_id = result.get("trial_run_id")
         if not run_id:
             return
+        # A server gone away must not fail the search: attempt() records what was not done.
+        attempt(lambda: self._complete(run_id, result), self.tracking_uri, "end", "end the trial's runs", run=run_id)
+
+    def _complete(self, run_id: str, result: dict) -> None:
         mlflow = client(self.tracking_uri)
         if stopped_early(result):
             mlflow.set_tag(run_id, "selftune.stopped_early", f"after stage {result[STAGE]} of {result['stages_total']}")
@@ -33,6 +37,10 @@ class TrialRunCloser(Callback):
             mlflow.set_terminated(run_id, "FINISHED")
 
     def on_trial_error(self, iteration, trials, trial, **info) -> None:
+        attempt(lambda: self._error(trial), self.tracking_uri, "end", f"end trial {trial.trial_id}'s runs as FAILED",
+                run=(trial.last_result or {}).get("trial_run_id"))
+
+    def _error(self, trial) -> None:
         run_id = (trial.last_result or {}).get("trial_run_id") or _run_of_trial(self.tracking_uri, trial.trial_id)
         if not run_id:
             return
@@ -94,7 +102,13 @@ def _close_children(mlflow, parent_run_id: str, status: str, reason: str) -> Non
 
 
 def close_open_runs(tracking_uri: str, experiment_id: str, search_run_id: str, status: str, reason: str) -> None:
-    """End every RUNNING trial and stage run under the search (after a crash or an interrupt)."""
+    """End every RUNNING trial and stage run under the search (after a crash or an interrupt);
+    what cannot be ended (the server is unreachable) is recorded as not logged."""
+    attempt(lambda: _close_open_runs(tracking_uri, experiment_id, search_run_id, status, reason),
+            tracking_uri, "end", f"end the search's open runs as {status}", run=search_run_id)
+
+
+def _close_open_runs(tracking_uri: str, experiment_id: str, search_run_id: str, status: str, reason: str) -> None:
     mlflow = client(tracking_uri)
     trials = mlflow.search_runs([experiment_id], filter_string=f"tags.`mlflow.parentRunId` = '{search_run_id}'", max_results=10_000)
     for trial in trials:

@@ -4,6 +4,10 @@ The driver resolves the MLflow store once, creates (or, on ``--resume``, reopens
 and fits a ``ray.tune.Tuner`` whose trials are ``selftune.search.trial.run_trial``. Optuna's study
 lives in ``<folder>/optuna.db`` and Tune's experiment in ``<folder>/tune``; ``Tuner.restore``
 brings both back, so a resumed search neither loses nor repeats trials.
+
+A tracking server that goes away mid-search does not stop it (see ``selftune.tracking.runs``):
+trials run untracked, the trial table is completed from Tune's own results, and what MLflow did
+not get (from the driver, the trials and their stages' workers) ends up in ``<folder>/not_logged.json``.
 """
 
 from __future__ import annotations
@@ -11,7 +15,7 @@ from __future__ import annotations
 import json
 import math
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
@@ -20,11 +24,16 @@ import yaml
 from selftune.config import flatten
 from selftune.errors import ConfigError
 from selftune.search.space import SearchSpace
-from selftune.search.summary import KIND_SEARCH, TrialRow, best_row, format_rows, plot_search, trial_rows, find_search_run, write_csv
+from selftune.search.summary import (
+    KIND_SEARCH, TrialRow, best_row, find_search_run, format_rows, merge_rows, plot_search, reported_rows, trial_rows, write_csv,
+)
 from selftune.search.callbacks import Progress, TrialRunCloser, close_open_runs
 from selftune.search.searcher import StageAwareOptunaSearch
 from selftune.search.trial import OBJECTIVE, STAGE, TrialContext, run_trial
-from selftune.tracking import RunTracker, client, create_run, ensure_experiment, finish_run
+from selftune.tracking import (
+    NOT_LOGGED, RunTracker, absorb_not_logged, attempt, client, create_run, describe_not_logged, ensure_experiment,
+    finish_run, not_logged, offline, require_reachable, take_not_logged, write_not_logged,
+)
 
 STATE = "search.json"  # in the search folder: what --resume needs
 
@@ -35,6 +44,7 @@ class SearchOutcome:
     folder: Path
     rows: list[TrialRow]
     best: TrialRow | None
+    not_logged: list[dict[str, Any]] = field(default_factory=list)  # what MLflow did not get
 
 
 def search_folder(space: SearchSpace, out_root: str | Path, resume: bool) -> Path:
@@ -63,32 +73,60 @@ def run_search(
     experiment: str | None = None,
     progress: Callable[[str], None] = print,
 ) -> SearchOutcome:
+    require_reachable(tracking_uri)  # fail fast, before any folder or run exists
     folder = search_folder(space, out_root, resume)
     state = _open_search_run(space, folder, tracking_uri, experiment, resume)
     run_id = state["search_run_id"]
     progress(f"search {space.name}: folder {folder}; MLflow search run {run_id}")
     started = time.monotonic()
+    mark = len(not_logged())
     try:
-        _fit(space, folder, state, tracking_uri, resume, progress)
-    except KeyboardInterrupt:
-        close_open_runs(tracking_uri, state["experiment_id"], run_id, "KILLED", "interrupted")
-        finish_run(tracking_uri, run_id, "KILLED", reason="interrupted; continue with --resume")
-        raise
+        results = _fit(space, folder, state, tracking_uri, resume, progress)
     except BaseException as error:
-        close_open_runs(tracking_uri, state["experiment_id"], run_id, "FAILED", f"search failed: {error}")
-        finish_run(tracking_uri, run_id, "FAILED", reason=f"{type(error).__name__}: {error}")
+        if isinstance(error, KeyboardInterrupt):
+            close_open_runs(tracking_uri, state["experiment_id"], run_id, "KILLED", "interrupted")
+            finish_run(tracking_uri, run_id, "KILLED", reason="interrupted; continue with --resume")
+        else:
+            close_open_runs(tracking_uri, state["experiment_id"], run_id, "FAILED", f"search failed: {error}")
+            finish_run(tracking_uri, run_id, "FAILED", reason=f"{type(error).__name__}: {error}")
+        _say(save_not_logged(folder, mark), folder, tracking_uri, progress)
         raise
-    rows = trial_rows(tracking_uri, client(tracking_uri).get_run(run_id))
+    # MLflow's trial table, completed from Tune's own results (all of them when MLflow is away).
+    logged = [] if offline() else attempt(lambda: trial_rows(tracking_uri, client(tracking_uri).get_run(run_id)),
+                                          tracking_uri, "read", "read the trial runs back", run=run_id, default=[])
+    _gather_trials_not_logged(folder)
+    rows = merge_rows(logged, reported_rows(results), prefer_reported=len(not_logged()) > mark or offline())
     if _interrupted(space, rows, started):
         # Tune ends fit() quietly on Ctrl-C, after saving its state: say so, and keep it resumable.
         reason = f"interrupted after {_ended(rows)} of {expected_trials(space)} trials; continue with --resume"
         close_open_runs(tracking_uri, state["experiment_id"], run_id, "KILLED", reason)
         finish_run(tracking_uri, run_id, "KILLED", reason=reason)
+        _say(save_not_logged(folder, mark), folder, tracking_uri, progress)
         raise KeyboardInterrupt(reason)
     best = best_row(rows, space.config.objective.mode)
     _log_search_results(space, folder, tracking_uri, run_id, rows, best)
     finish_run(tracking_uri, run_id, "FINISHED")
-    return SearchOutcome(run_id, folder, rows, best)
+    return SearchOutcome(run_id, folder, rows, best, save_not_logged(folder, mark))
+
+
+def _gather_trials_not_logged(folder: Path) -> None:
+    """Move what the trials could not log (their files in ``<folder>/not_logged/``) into this process's journal."""
+    for path in sorted((folder / "not_logged").glob("*.json")):
+        absorb_not_logged(path)
+
+
+def save_not_logged(folder: Path, mark: int) -> list[dict[str, Any]]:
+    """Everything not logged during this search (driver and trials), added to ``<folder>/not_logged.json``."""
+    _gather_trials_not_logged(folder)
+    items = take_not_logged(mark)
+    if items:
+        write_not_logged(folder / NOT_LOGGED, items)
+    return items
+
+
+def _say(items: list[dict[str, Any]], folder: Path, tracking_uri: str, progress) -> None:
+    if items:
+        progress(describe_not_logged(items, tracking_uri, folder / NOT_LOGGED))
 
 
 def expected_trials(space: SearchSpace) -> int:
@@ -137,14 +175,15 @@ def _open_search_run(space: SearchSpace, folder: Path, tracking_uri: str, experi
     return state
 
 
-def _fit(space: SearchSpace, folder: Path, state: dict[str, Any], tracking_uri: str, resume: bool, progress) -> None:
+def _fit(space: SearchSpace, folder: Path, state: dict[str, Any], tracking_uri: str, resume: bool, progress):
     import ray.tune
 
     from selftune.engine.ray_train import ensure_ray
 
     ensure_ray(worker_output=False)
     context = TrialContext(space=space, tracking_uri=tracking_uri, experiment_id=state["experiment_id"],
-                           search_run_id=state["search_run_id"], cache_root=str(folder / "stage-cache"))
+                           search_run_id=state["search_run_id"], cache_root=str(folder / "stage-cache"),
+                           not_logged_dir=str(folder / "not_logged"))
     trainable = ray.tune.with_resources(ray.tune.with_parameters(run_trial, context=context), {"cpu": 0.01})
     callbacks = [TrialRunCloser(tracking_uri), Progress(space.config.budget.num_samples, space.config.objective.mode, progress)]
     tune_path = folder / "tune"
@@ -168,7 +207,7 @@ def _fit(space: SearchSpace, folder: Path, state: dict[str, Any], tracking_uri: 
                 failure_config=ray.tune.FailureConfig(max_failures=0, fail_fast=False),
             ),
         )
-    tuner.fit()
+    return tuner.fit()
 
 
 def make_searcher(space: SearchSpace, folder: Path):
@@ -265,6 +304,10 @@ def format_outcome(outcome: SearchOutcome, tracking_uri: str) -> str:
         lines += [f"  {k} = {v}" for k, v in outcome.best.params.items()]
         lines.append(f"run it as a tuned final run with: selftune final --from {outcome.run_id}")
     lines.append(f"\nfolder: {outcome.folder}\nMLflow search run {outcome.run_id}; browse with: mlflow ui --backend-store-uri {tracking_uri}")
+    if outcome.not_logged:  # last, so that it is what the user sees
+        lines.append(describe_not_logged(outcome.not_logged, tracking_uri, outcome.folder / NOT_LOGGED))
+        lines += [f"  {item['what']} (not created)" if item["kind"] == "run" else f"  run {item['run']}: {item['what']}"
+                  for item in outcome.not_logged if item["kind"] in ("run", "end")]
     return "\n".join(lines)
 
 

@@ -120,7 +120,7 @@ def merge_rows(logged: list[TrialRow], reported: list[TrialRow], prefer_reported
         old.cache_hits = max(old.cache_hits, new.cache_hits)
         if old.status == "RUNNING" or (prefer_reported and old.status in ("FINISHED", "STOPPED")):
             old.status = new.status  # MLflow may not have been told how the trial ended
-    return sorted(rows.values(), key=lambda row: row.trial_id)
+    return list(rows.values())  # MLflow's rows in start order, then those only Tune has, in Tune's (creation) order
 
 
 def best_row(rows: list[TrialRow], mode: str) -> TrialRow | None:

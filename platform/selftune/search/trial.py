@@ -36,7 +36,7 @@ from selftune.engine.pipeline import (
 from selftune.search.cache import StageCache, stage_key
 from selftune.search.space import SearchSpace
 from selftune.stages import ARTIFACT_OF_ROLE, StageJob
-from selftune.tracking import RunTracker, create_run, client
+from selftune.tracking import RunTracker, attempt, client, create_run, not_logged, take_not_logged, write_not_logged
 
 KIND_TRIAL = "trial"
 OBJECTIVE = "objective"  # the Tune / Optuna metric name
@@ -52,6 +52,7 @@ class TrialContext:
     experiment_id: str
     search_run_id: str
     cache_root: str
+    not_logged_dir: str = ""  # each trial writes what it could not log to <dir>/<trial id>.json
 
 
 def objective_value(metric: str, stage: StageResult, latest_val: float | None) -> float | None:
@@ -71,6 +72,18 @@ def run_trial(config: dict[str, Any], context: TrialContext) -> None:
     trial_id = ray.tune.get_context().get_trial_id()
     pipeline = space.pipeline_for(config)
     done = _stages_done(ray.tune.get_checkpoint())
+    mark = len(not_logged())
+    try:
+        _run_stages(config, context, trial_id, pipeline, done)
+    finally:  # hand over to the search driver what this trial (and its stages' workers) could not log
+        if context.not_logged_dir and len(not_logged()) > mark:
+            write_not_logged(Path(context.not_logged_dir) / f"{trial_id}.json", take_not_logged(mark))
+
+
+def _run_stages(config: dict[str, Any], context: TrialContext, trial_id: str, pipeline: PipelineConfig, done: int) -> None:
+    import ray.tune
+
+    space = context.space
     trial_run_id = _trial_run(context, trial_id, config, pipeline)
     tracker = RunTracker(context.tracking_uri, trial_run_id)
     # Without the shared cache a trial still caches for itself, so a resumed trial skips its done stages.
@@ -109,7 +122,7 @@ def run_trial(config: dict[str, Any], context: TrialContext) -> None:
             value = objective_value(space.config.objective.metric, result, latest_val)
             metrics = {
                 STAGE: index + 1, "stages_total": len(pipeline.stages), "cache_hits": hits, "cache_hit": int(hit),
-                "trial_run_id": trial_run_id,
+                "trial_run_id": trial_run_id or "",
                 **{f"{stage.name}/{k}": v for k, v in result.summary.items() if isinstance(v, (int, float))},
             }
             tracker.log_metrics({"cache_hits": hits}, step=index)
@@ -158,24 +171,29 @@ def _stages_done(checkpoint) -> int:
         return json.loads((Path(folder) / "state.json").read_text())["stages_done"]
 
 
-def _trial_run(context: TrialContext, trial_id: str, config: dict[str, Any], pipeline: PipelineConfig) -> str:
-    """The trial's MLflow run; a resumed trial finds and reopens its run instead of making a second."""
+def _trial_run(context: TrialContext, trial_id: str, config: dict[str, Any], pipeline: PipelineConfig) -> str | None:
+    """The trial's MLflow run; a resumed trial finds and reopens its run instead of making a second.
+    None when the server went away (the trial runs untracked; see selftune.tracking.runs)."""
     mlflow = client(context.tracking_uri)
-    existing = mlflow.search_runs(
+    existing = attempt(lambda: mlflow.search_runs(
         [context.experiment_id],
         filter_string=f"tags.`selftune.trial_id` = '{trial_id}' and tags.`selftune.kind` = '{KIND_TRIAL}' "
                       f"and tags.`mlflow.parentRunId` = '{context.search_run_id}'",
-    )
+    ), context.tracking_uri, "read", f"look-up of trial {trial_id}'s run", run=None, default=[])
     if existing:
         run_id = existing[0].info.run_id
-        mlflow.update_run(run_id, status="RUNNING")
-        if "selftune.error" in existing[0].data.tags:  # the interruption it records is over
-            mlflow.delete_tag(run_id, "selftune.error")
+
+        def reopen() -> None:
+            mlflow.update_run(run_id, status="RUNNING")
+            if "selftune.error" in existing[0].data.tags:  # the interruption it records is over
+                mlflow.delete_tag(run_id, "selftune.error")
+
+        attempt(reopen, context.tracking_uri, "tag", "reopen as RUNNING", run=run_id)
         return run_id
     run_id = create_run(
         context.tracking_uri, context.experiment_id, name=f"trial-{trial_id}", kind=KIND_TRIAL,
         parent_run_id=context.search_run_id,
-        tags={"selftune.trial_id": trial_id, "selftune.pipeline": pipeline.name},
+        tags={"selftune.trial_id": trial_id, "selftune.pipeline": pipeline.name}, required=False,
     )
     tracker = RunTracker(context.tracking_uri, run_id)
     tracker.log_params(config)  # only the sampled values, by their dotted names: what the UI compares

@@ -4,16 +4,27 @@ tracker that rank-0 workers use (non-zero ranks get a null tracker instead of ra
 from selftune.tracking.runs import (
     KIND_PIPELINE,
     KIND_STAGE,
+    NOT_LOGGED,
     NullTracker,
     RunTracker,
+    TrackingUnreachable,
+    absorb_not_logged,
+    attempt,
     client,
     create_run,
+    describe_not_logged,
     ensure_experiment,
     finish_run,
+    not_logged,
+    offline,
+    require_reachable,
     resolve_tracking_uri,
+    take_not_logged,
+    write_not_logged,
 )
 
 __all__ = [
-    "KIND_PIPELINE", "KIND_STAGE", "NullTracker", "RunTracker", "client", "create_run", "ensure_experiment",
-    "finish_run", "resolve_tracking_uri",
+    "KIND_PIPELINE", "KIND_STAGE", "NOT_LOGGED", "NullTracker", "RunTracker", "TrackingUnreachable", "absorb_not_logged",
+    "attempt", "client", "create_run", "describe_not_logged", "ensure_experiment", "finish_run", "not_logged", "offline",
+    "require_reachable", "resolve_tracking_uri", "take_not_logged", "write_not_logged",
 ]
