@@ -102,7 +102,8 @@ def test_auxnet_pipeline_end_to_end(tmp_path, tracking_uri, small_synthetic):
     sets = [
         f"data.root={small_synthetic}", "data.eval_batch_size=16",
         "stages.supervised.epochs=1", "stages.supervised.steps_per_epoch=3",
-        "stages.auxnet.epochs=2", "stages.auxnet.steps_per_epoch=2", "stages.confidence_label.t_aux=0.5",
+        "stages.auxnet.epochs=2", "stages.auxnet.steps_per_epoch=2",
+        "stages.confidence_label.t_aux=0.0",  # keep every pixel: a barely trained aux net is rarely 50 % sure
         "stages.self_train.epochs=1", "stages.self_train.steps_per_epoch=2",
     ]
     args = [arg for item in sets for arg in ("--set", item)]
