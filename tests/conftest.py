@@ -26,3 +26,13 @@ def isolated_environment(monkeypatch, session_home, tmp_path_factory):
 @pytest.fixture
 def tracking_uri(tmp_path) -> str:
     return f"sqlite:///{tmp_path / 'mlflow.db'}"
+
+
+@pytest.fixture(scope="session")
+def small_synthetic(tmp_path_factory) -> Path:
+    """A 60 + 16 image synthetic dataset in the folder format: end-to-end runs label 36-48 images
+    and evaluate 16 instead of ~1000 and 200, which keeps the slow tests minutes shorter."""
+    from selftune.data.synthetic import generate_synthetic
+
+    return generate_synthetic(tmp_path_factory.mktemp("small-synthetic"), num_train=60, num_val=16)
+

@@ -14,13 +14,13 @@ QUICKSTART = str(REPO / "pipelines" / "quickstart.yaml")
 
 
 @pytest.mark.slow
-def test_quickstart_with_two_gloo_workers(tmp_path, tracking_uri):
+def test_quickstart_with_two_gloo_workers(tmp_path, tracking_uri, small_synthetic):
     import mlflow
 
     out = tmp_path / "out"
     result = subprocess.run(
         [sys.executable, "-m", "selftune", "run", QUICKSTART, *quickstart_overrides(epochs=3, steps=15),
-         "--set", "resources.workers=2", "--out", str(out), "--tracking-uri", tracking_uri, "--experiment", "ddp"],
+         "--set", f"data.root={small_synthetic}", "--set", "resources.workers=2", "--out", str(out), "--tracking-uri", tracking_uri, "--experiment", "ddp"],
         capture_output=True, text=True, timeout=600,
     )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
@@ -34,7 +34,7 @@ def test_quickstart_with_two_gloo_workers(tmp_path, tracking_uri):
     from selftune.config import load_pipeline
     from selftune.stages.data import prepare_data
 
-    pipeline = load_pipeline(QUICKSTART)
+    pipeline = load_pipeline(QUICKSTART, [f"data.root={small_synthetic}"])
     assert len(labels) == len(prepare_data(pipeline.data, pipeline.seed).unlabelled)
     # Learning happened across workers: the training loss fell in both training stages, and both
     # models are far above predicting background everywhere (val mIoU ~0.11 on this dataset).

@@ -44,12 +44,12 @@ POINTS = [dict(zip(PARAMS, [0.002, 0.4, 0.002])), dict(zip(PARAMS, [0.005, 0.5, 
 STAGES = ["supervised", "pseudo_label", "self_train"]
 
 
-def write_space(folder: Path, name: str) -> Path:
+def write_space(folder: Path, name: str, data_root: Path) -> Path:
     space = folder / "space.yaml"
     space.write_text(yaml.safe_dump({
         "name": name,
         "pipeline": str(REPO / "pipelines" / "quickstart.yaml"),
-        "set": TINY,
+        "set": {**TINY, "data.root": str(data_root)},
         "params": {
             PARAMS[0]: {"type": "categorical", "choices": [0.002, 0.005]},
             PARAMS[1]: {"type": "categorical", "choices": [0.4, 0.5]},
@@ -62,13 +62,13 @@ def write_space(folder: Path, name: str) -> Path:
     return space
 
 
-def search_command(folder: Path, name: str, uri: str, session_home: Path, **env) -> subprocess.Popen:
+def search_command(folder: Path, name: str, uri: str, session_home: Path, data_root: Path, **env) -> subprocess.Popen:
     environment = {**os.environ, "HOME": str(session_home), "SELFTUNE_CACHE": str(session_home / "cache"),
                    "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", **env}
     environment.pop("MLFLOW_TRACKING_URI", None)
     environment.pop("SELFTUNE_STORAGE", None)
     return subprocess.Popen(
-        [sys.executable, "-m", "selftune", "search", str(write_space(folder, name)), "--tracking-uri", uri,
+        [sys.executable, "-m", "selftune", "search", str(write_space(folder, name, data_root)), "--tracking-uri", uri,
          "--out", str(folder / "runs")],
         cwd=folder, env=environment, text=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
     )
@@ -82,10 +82,10 @@ def server(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def search(server, tmp_path_factory, session_home):
+def search(server, tmp_path_factory, session_home, small_synthetic):
     folder = tmp_path_factory.mktemp("search")
     started = time.monotonic()
-    process = search_command(folder, "tracked", server["url"], session_home)
+    process = search_command(folder, "tracked", server["url"], session_home, small_synthetic)
     output = process.communicate(timeout=600)[0]
     print(f"search against the server: {time.monotonic() - started:.0f} s")
     assert process.returncode == 0, output[-4000:]
@@ -254,14 +254,14 @@ def _numbers(text: str) -> list[float]:
 
 # --- the server going away mid-search ----------------------------------------------------------
 
-def test_search_survives_the_server_going_away(server, tmp_path, session_home):
+def test_search_survives_the_server_going_away(server, tmp_path, session_home, small_synthetic):
     """A proxy in front of the server is closed once the first trial's first stage has ended: the
     search still ends (exit 0) with both trials' values from Tune, and says what was not logged."""
     proxy = TcpProxy(urlparse(server["url"]).port)
     started = time.monotonic()
     # MLflow retries an unreachable server for minutes per process (7 retries, backoff 2 s):
     # one quick try is enough here.
-    process = search_command(tmp_path, "offline", proxy.url, session_home,
+    process = search_command(tmp_path, "offline", proxy.url, session_home, small_synthetic,
                              MLFLOW_HTTP_REQUEST_MAX_RETRIES="0", MLFLOW_HTTP_REQUEST_TIMEOUT="10")
     lines = []
     try:

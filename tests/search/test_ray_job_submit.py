@@ -42,12 +42,12 @@ def cluster(tmp_path, session_home):
         subprocess.run([ray, "stop", "--force"], env=env, capture_output=True, timeout=120)
 
 
-def test_a_search_submitted_as_a_ray_job_succeeds_logs_its_runs_and_needs_the_token(tmp_path, cluster, session_home):
+def test_a_search_submitted_as_a_ray_job_succeeds_logs_its_runs_and_needs_the_token(tmp_path, cluster, session_home, small_synthetic):
     job_dir = tmp_path / "job"
     job_dir.mkdir()
     (job_dir / "space.yaml").write_text(yaml.safe_dump({
         "name": "job", "pipeline": str(REPO / "pipelines" / "quickstart.yaml"),
-        "set": {"stages.supervised.epochs": 1, "stages.supervised.steps_per_epoch": 3,
+        "set": {"data.root": str(small_synthetic), "stages.supervised.epochs": 1, "stages.supervised.steps_per_epoch": 3,
                 "stages.self_train.epochs": 1, "stages.self_train.steps_per_epoch": 3,
                 "stages.pseudo_label.threshold": 0.5},
         "params": {"stages.self_train.optimizer.lr": {"type": "float", "low": 1e-3, "high": 3e-3, "log": True}},

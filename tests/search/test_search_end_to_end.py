@@ -36,13 +36,13 @@ def cli(*args: str, cwd: Path, env: dict, **kwargs) -> subprocess.Popen:
 
 
 @pytest.fixture(scope="module")
-def search(tmp_path_factory, session_home):
+def search(tmp_path_factory, session_home, small_synthetic):
     folder = tmp_path_factory.mktemp("search")
     space = folder / "space.yaml"
     space.write_text(yaml.safe_dump({
         "name": "e2e",
         "pipeline": str(REPO / "pipelines" / "quickstart.yaml"),
-        "set": {**TINY, "final": {"set": {"stages.self_train.epochs": 2}}},
+        "set": {**TINY, "data.root": str(small_synthetic), "final": {"set": {"stages.self_train.epochs": 2}}},
         "params": {
             "stages.supervised.optimizer.lr": {"type": "categorical", "choices": [0.002, 0.004]},
             "stages.pseudo_label.threshold": {"type": "float", "low": 0.3, "high": 0.6},

@@ -84,14 +84,6 @@ def test_confidence_label_requires_the_aux_stage_and_rejects_threshold():
         load_pipeline(PIPELINE, overrides=["stages.auxnet.c=1.0"])
 
 
-@pytest.fixture(scope="module")
-def small_synthetic(tmp_path_factory):
-    """A 60 + 16 image prefix of the synthetic dataset, so the end-to-end run labels 48 images."""
-    from selftune.data.synthetic import generate_synthetic
-
-    return generate_synthetic(tmp_path_factory.mktemp("synthetic"), num_train=60, num_val=16)
-
-
 @pytest.mark.slow
 def test_auxnet_pipeline_end_to_end(tmp_path, tracking_uri, small_synthetic):
     import mlflow

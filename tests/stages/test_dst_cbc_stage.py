@@ -112,14 +112,6 @@ def test_class_balanced_label_rejects_the_softmax_threshold_key():
         load_pipeline(PIPELINE, overrides=["stages.dst.stages.label.T=1.5"])
 
 
-@pytest.fixture(scope="module")
-def small_synthetic(tmp_path_factory):
-    """A 60 + 16 image prefix of the synthetic dataset, so the end-to-end run labels 48 images."""
-    from selftune.data.synthetic import generate_synthetic
-
-    return generate_synthetic(tmp_path_factory.mktemp("synthetic"), num_train=60, num_val=16)
-
-
 @pytest.mark.slow
 def test_dst_cbc_pipeline_end_to_end(tmp_path, tracking_uri, small_synthetic):
     import mlflow

@@ -133,3 +133,7 @@ def test_u2pl_pipeline_end_to_end(tmp_path, tracking_uri):
         assert {m.step for m in history} >= {1, 2}, key  # one point per epoch
     kept = {m.step: m.value for m in client.get_metric_history(runs["u2pl"].info.run_id, "pseudo_label/kept_fraction")}
     assert kept[1] == pytest.approx(0.8, abs=0.02) and kept[2] == pytest.approx(0.9, abs=0.02)  # 1 - α_t
+    # The last epoch's reliable-label quality is the stage's summary: the pipeline run (and table) show it.
+    pipeline_run = next(r for r in mlflow.search_runs(experiment_names=["u2"], output_format="list")
+                        if r.data.tags.get("selftune.kind") == "pipeline")
+    assert pipeline_run.data.metrics["u2pl/pseudo_label/kept_fraction"] == pytest.approx(kept[2])

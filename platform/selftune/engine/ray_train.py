@@ -85,7 +85,9 @@ def ensure_ray(*, worker_output: bool = True) -> None:
     if os.environ.get("RAY_ADDRESS"):
         ray.init(address=os.environ["RAY_ADDRESS"], **quiet)
     else:
-        ray.init(include_dashboard=False, configure_logging=True, **quiet)
+        # address="local": always a private instance, never a `ray start` cluster that happens to
+        # run on this machine (set RAY_ADDRESS=auto to use that one).
+        ray.init(address="local", include_dashboard=False, configure_logging=True, **quiet)
 
 
 def unwrap_worker_error(error: BaseException) -> BaseException:

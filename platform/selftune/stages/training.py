@@ -62,6 +62,7 @@ def fit(
     val_loader = evaluation_loader(data, data.index.val, job.pipeline.data, ctx)
 
     best: dict[str, Any] = {"miou": -1.0}
+    extra: dict[str, float] = {}
     for epoch in range(1, stage.epochs + 1):
         started = time.perf_counter()
         losses = train_steps(
@@ -83,16 +84,21 @@ def fit(
             f"  [{stage.name}] epoch {epoch}/{stage.epochs}  loss {losses['loss']:.4f}  "
             f"val mIoU {miou:.4f}  ({time.perf_counter() - started:.1f}s)"
         )
-    return finish_training(job, ctx, data, best, epochs=stage.epochs)
+    # Online labelling (U2PL) reports pseudo-label quality per epoch; the stage summary keeps the last.
+    labelling = {key: value for key, value in extra.items() if key.startswith("pseudo_label/") and key.count("/") == 1}
+    return finish_training(job, ctx, data, best, epochs=stage.epochs, extra_summary=labelling)
 
 
-def finish_training(job: StageJob, ctx: WorkerContext, data: StageData, best: dict[str, Any], *, epochs: int) -> dict[str, Any]:
+def finish_training(
+    job: StageJob, ctx: WorkerContext, data: StageData, best: dict[str, Any], *, epochs: int,
+    extra_summary: dict[str, float] | None = None,
+) -> dict[str, Any]:
     """Log the kept checkpoint's val metrics (as the last ``val/miou`` point) and its confusion matrix."""
     confusion = ConfusionMatrix(data.num_classes)
     confusion.matrix = best["confusion"]
     per_class = {f"val/iou/{name}": iou for name, iou in zip(data.class_names, confusion.iou().tolist())}
     final = {"val/miou": best["miou"], "val/best_epoch": best["epoch"], **_finite(per_class)}
-    summary = {"val/miou": best["miou"], "val/best_epoch": best["epoch"], "val/iou": per_class}
+    summary = {"val/miou": best["miou"], "val/best_epoch": best["epoch"], "val/iou": per_class, **(extra_summary or {})}
     if ctx.is_main:
         ctx.tracker.log_metrics(final, step=epochs)
         picture = job.output("confusion_matrix.png")
