@@ -113,6 +113,7 @@ def _all_reduce_worker(rank: int, world_size: int, init_file: str) -> None:
 
 
 def test_all_reduce_sums_across_two_gloo_workers(tmp_path):
+    # The assertions run inside each worker; mp.spawn re-raises a worker's AssertionError here.
     mp.spawn(_all_reduce_worker, args=(2, str(tmp_path / "rendezvous")), nprocs=2, join=True)
 
 

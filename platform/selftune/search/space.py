@@ -41,30 +41,29 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
-class FloatParam(_Strict):
+class _RangeParam(_Strict):
+    """Shared check of a numeric range, as Optuna's distributions do it."""
+
+    @model_validator(mode="after")
+    def _check(self):
+        _check_range(self.low, self.high, self.log, self.step)
+        return self
+
+
+class FloatParam(_RangeParam):
     type: Literal["float"]
     low: float
     high: float
     log: bool = False
     step: float | None = None
 
-    @model_validator(mode="after")
-    def _check(self):
-        _check_range(self.low, self.high, self.log, self.step)
-        return self
 
-
-class IntParam(_Strict):
+class IntParam(_RangeParam):
     type: Literal["int"]
     low: int
     high: int
     log: bool = False
     step: int = 1
-
-    @model_validator(mode="after")
-    def _check(self):
-        _check_range(self.low, self.high, self.log, self.step)
-        return self
 
 
 class CategoricalParam(_Strict):
