@@ -5,7 +5,8 @@ import pytest
 from PIL import Image
 
 from selftune.data import cityscapes_label_map, read_image, read_mask
-from selftune.errors import DataError
+from selftune.data.io import DECODE_CACHE_ENV, read_cached
+from selftune.errors import ConfigError, DataError
 
 
 def test_read_image_gives_rgb_uint8(tmp_path, png):
@@ -67,3 +68,54 @@ def test_corrupt_files_raise_a_one_line_error_naming_the_file(tmp_path, png, rea
 def test_missing_file_names_the_path(tmp_path):
     with pytest.raises(DataError, match=r"image .*nowhere\.jpg does not exist"):
         read_image(tmp_path / "nowhere.jpg")
+
+
+def _counting(path):
+    calls = []
+
+    def read():
+        calls.append(path)
+        return read_image(path)
+
+    return read, calls
+
+
+def test_read_cached_decodes_a_file_once_and_hands_out_copies(tmp_path, png):
+    path = png(tmp_path / "once.png", np.full((4, 4, 3), 10, dtype=np.uint8))
+    read, calls = _counting(path)
+    first = read_cached(path, read)
+    first[:] = 0  # callers may edit their copy in place
+    second = read_cached(path, read)
+    assert len(calls) == 1
+    assert (second == 10).all()
+
+
+def test_read_cached_reads_a_rewritten_file_again(tmp_path, png):
+    path = png(tmp_path / "changed.png", np.full((4, 4, 3), 10, dtype=np.uint8))
+    read, calls = _counting(path)
+    read_cached(path, read)
+    png(path, np.full((5, 4, 3), 20, dtype=np.uint8))  # new size, so a new key even within one mtime tick
+    assert (read_cached(path, read) == 20).all()
+    assert len(calls) == 2
+
+
+def test_read_cached_with_a_zero_budget_decodes_every_time(tmp_path, png, monkeypatch):
+    monkeypatch.setenv(DECODE_CACHE_ENV, "0")
+    path = png(tmp_path / "uncached.png", np.full((4, 4, 3), 10, dtype=np.uint8))
+    read, calls = _counting(path)
+    read_cached(path, read)
+    read_cached(path, read)
+    assert len(calls) == 2
+
+
+def test_read_cached_rejects_a_malformed_budget(tmp_path, png, monkeypatch):
+    monkeypatch.setenv(DECODE_CACHE_ENV, "lots")
+    path = png(tmp_path / "x.png", np.zeros((2, 2, 3), dtype=np.uint8))
+    with pytest.raises(ConfigError, match=r"SELFTUNE_DECODE_CACHE_MB='lots' is not valid; give a size in MiB >= 0"):
+        read_cached(path, lambda: read_image(path))
+
+
+def test_read_cached_leaves_a_missing_file_to_the_readers_error(tmp_path):
+    path = tmp_path / "gone.png"
+    with pytest.raises(DataError, match=r"image .*gone\.png does not exist"):
+        read_cached(path, lambda: read_image(path))

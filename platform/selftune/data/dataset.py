@@ -13,7 +13,7 @@ from albumentations.pytorch import ToTensorV2
 from torch.utils.data import Dataset, get_worker_info
 
 from selftune.data.index import IGNORE_INDEX, Sample
-from selftune.data.io import read_image, read_mask
+from selftune.data.io import read_cached, read_image, read_mask
 from selftune.data.transforms import seeded
 from selftune.errors import ConfigError, DataError
 
@@ -69,7 +69,7 @@ class SegmentationDataset(Dataset):
 
     def __getitem__(self, index: int) -> dict[str, Any]:
         sample = self.samples[index]
-        image = read_image(sample.image)  # (H, W, 3) uint8
+        image = read_cached(sample.image, lambda: read_image(sample.image))  # (H, W, 3) uint8
         mask = self._mask(sample, image.shape[:2])  # (H, W) uint8
         valid = np.ones(image.shape[:2], dtype=np.uint8)  # padding turns these into 255
         if self.transform is not None:
@@ -105,7 +105,7 @@ class SegmentationDataset(Dataset):
             path, label_map = sample.mask, self.label_map
         else:
             path, label_map = self.mask_folder / f"{sample.id}.png", None
-        mask = read_mask(path, self.num_classes, label_map)
+        mask = read_cached(path, lambda: read_mask(path, self.num_classes, label_map))
         if mask.shape != shape:
             raise DataError(
                 f"mask {path} is {mask.shape[0]}x{mask.shape[1]} but image {sample.image} is {shape[0]}x{shape[1]}"
