@@ -33,6 +33,7 @@ import json
 import os
 import shutil
 import tempfile
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -147,20 +148,27 @@ def generate_synthetic(
     out_dir = Path(out_dir)
     for sub in ("images", "masks", "splits"):
         (out_dir / sub).mkdir(parents=True, exist_ok=True)
-    splits: dict[str, list[str]] = {}
-    for split_code, (split, count) in enumerate((("train", num_train), ("val", num_val))):
-        ids = [f"{split}_{i:05d}" for i in range(count)]
-        for sample_id, (image, mask) in zip(ids, _render_split(seed, split_code, count, image_size, design)):
-            Image.fromarray(image, mode="RGB").save(out_dir / "images" / f"{sample_id}.png", compress_level=1)
-            Image.fromarray(mask, mode="L").save(out_dir / "masks" / f"{sample_id}.png", compress_level=1)
-        splits[split] = ids
+    splits = {"train": num_train, "val": num_val}
+
+    def write_chunk(job: tuple[int, str, int]) -> None:
+        split_code, split, start = job
+        images, masks = _render_chunk_at(seed, split_code, start, splits[split] - start, image_size, design)
+        for i, (image, mask) in enumerate(zip(images, masks), start=start):
+            Image.fromarray(image, mode="RGB").save(out_dir / "images" / f"{split}_{i:05d}.png", compress_level=1)
+            Image.fromarray(mask, mode="L").save(out_dir / "masks" / f"{split}_{i:05d}.png", compress_level=1)
+
+    jobs = [(code, split, start) for code, (split, count) in enumerate(splits.items()) for start in range(0, count, _CHUNK)]
+    # Threads, not processes: numpy's array maths and PIL's PNG encoder release the GIL, and a
+    # thread is safe to start inside Ray workers where a fork is not.
+    with ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
+        list(pool.map(write_chunk, jobs))  # list(): re-raises a chunk's error here
     # Written last: their presence marks the dataset complete (is_dataset).
     meta = {"format_version": FORMAT_VERSION, "seed": seed, "num_train": num_train, "num_val": num_val,
             "image_size": image_size, "design": asdict(design)}
     (out_dir / "synthetic.json").write_text(json.dumps(meta, indent=2) + "\n")
     (out_dir / "classes.txt").write_text("\n".join(CLASSES[: design.num_object_classes + 1]) + "\n")
-    for split, ids in splits.items():
-        (out_dir / "splits" / f"{split}.txt").write_text("".join(f"{i}\n" for i in ids))
+    for split, count in splits.items():
+        (out_dir / "splits" / f"{split}.txt").write_text("".join(f"{split}_{i:05d}\n" for i in range(count)))
     return out_dir
 
 
@@ -174,12 +182,11 @@ def generate_synthetic(
 _CHUNK = 32
 
 
-def _render_split(seed: int, split_code: int, count: int, size: int, design: SyntheticDesign):
-    """Yield ``count`` (image (H, W, 3) uint8, mask (H, W) uint8) pairs."""
-    for start in range(0, count, _CHUNK):
-        rng = np.random.default_rng([seed, split_code, start // _CHUNK])
-        images, masks = _render_chunk(rng, _CHUNK, size, design)
-        yield from zip(images[: count - start], masks[: count - start])
+def _render_chunk_at(seed: int, split_code: int, start: int, count: int, size: int, design: SyntheticDesign):
+    """Images ``start .. start + min(count, _CHUNK)`` of a split: (n, H, W, 3) and (n, H, W) uint8."""
+    rng = np.random.default_rng([seed, split_code, start // _CHUNK])
+    images, masks = _render_chunk(rng, _CHUNK, size, design)
+    return images[:count], masks[:count]
 
 
 def _smooth_field(rng: np.random.Generator, n: int, size: int, cells: int, channels: int) -> np.ndarray:
