@@ -202,16 +202,7 @@ def class_balanced_thresholds(
     saturating at 1.0) costs nothing extra. float64 confidences are ranked at float32 precision
     and the tie among values that share a float32 image is broken exactly by a sort of those few.
     """
-    if not 0.0 <= alpha <= 1.0:
-        raise ValueError(f"class_balanced_thresholds: alpha must lie in [0, 1], but got alpha={alpha}")
-    if sample_every < 1:
-        raise ValueError(f"class_balanced_thresholds: sample_every must be >= 1, but got {sample_every}")
-    if confidence.shape != prediction.shape:
-        raise ValueError(
-            f"confidence {tuple(confidence.shape)} and prediction {tuple(prediction.shape)} must have the same shape"
-        )
-    if not confidence.is_floating_point():
-        raise ValueError(f"confidence must be a floating tensor, but got {confidence.dtype}")
+    _check_threshold_inputs(confidence, prediction, alpha, sample_every)
     dtype, device = confidence.dtype, confidence.device
     if alpha >= 1.0:
         return torch.full((num_classes,), -math.inf, dtype=dtype, device=device)
@@ -224,13 +215,7 @@ def class_balanced_thresholds(
         raise ValueError(f"class_balanced_thresholds: num_classes={num_classes} is too large")
     if bool(torch.isnan(conf).any()):
         raise ValueError("class_balanced_thresholds: confidence holds NaN")
-    try:
-        counts = torch.bincount(pred, minlength=num_classes)  # (C,) sampled pixels per class
-    except RuntimeError:  # negative values
-        counts = torch.empty(0)
-    if counts.numel() != num_classes:
-        low, high = int(pred.min()), int(pred.max())
-        raise ValueError(f"prediction holds class {low if low < 0 else high} but classes are 0..{num_classes - 1}")
+    counts = _pixels_per_class(pred, num_classes)  # (C,) sampled pixels per class
 
     # int(n * alpha) in float64, exactly as Python's int(len(r) * alpha) in the authors' code.
     k = torch.minimum(torch.floor(counts.to(torch.float64) * alpha).to(torch.int64) + 1, counts)
@@ -241,16 +226,44 @@ def class_balanced_thresholds(
         # float32 and narrower: a class's candidates are one and the same value; take any.
         thresholds.index_put_((chosen_pred,), chosen_conf)
         return thresholds
-    # float64: candidates share a float32 image but may differ; rank them exactly. Group by class
-    # with ascending values inside, then the k_left-th largest of class c sits k_left from its end.
-    ascending, order = torch.sort(chosen_conf)
-    by_class, regroup = torch.sort(chosen_pred[order], stable=True)
-    values = ascending[regroup]
-    per_class = torch.bincount(by_class, minlength=num_classes)
-    end = per_class.cumsum(0)
     present = counts > 0
-    thresholds[present] = values[(end - k_left)[present]]
+    thresholds[present] = _kth_largest_exact(chosen_conf, chosen_pred, k_left, present)
     return thresholds
+
+
+def _check_threshold_inputs(confidence: torch.Tensor, prediction: torch.Tensor, alpha: float, sample_every: int) -> None:
+    if not 0.0 <= alpha <= 1.0:
+        raise ValueError(f"class_balanced_thresholds: alpha must lie in [0, 1], but got alpha={alpha}")
+    if sample_every < 1:
+        raise ValueError(f"class_balanced_thresholds: sample_every must be >= 1, but got {sample_every}")
+    if confidence.shape != prediction.shape:
+        raise ValueError(
+            f"confidence {tuple(confidence.shape)} and prediction {tuple(prediction.shape)} must have the same shape"
+        )
+    if not confidence.is_floating_point():
+        raise ValueError(f"confidence must be a floating tensor, but got {confidence.dtype}")
+
+
+def _pixels_per_class(pred: torch.Tensor, num_classes: int) -> torch.Tensor:
+    """(C,) counts of ``pred``; a class outside 0..C-1 is an error naming it."""
+    try:
+        counts = torch.bincount(pred, minlength=num_classes)
+    except RuntimeError:  # negative values
+        counts = torch.empty(0)
+    if counts.numel() != num_classes:
+        low, high = int(pred.min()), int(pred.max())
+        raise ValueError(f"prediction holds class {low if low < 0 else high} but classes are 0..{num_classes - 1}")
+    return counts
+
+
+def _kth_largest_exact(values: torch.Tensor, classes: torch.Tensor, k: torch.Tensor, present: torch.Tensor) -> torch.Tensor:
+    """The ``k[c]``-th largest of class c's ``values`` for each ``present`` class c (float64
+    candidates that share a float32 image but may differ), in class order."""
+    # Group by class with ascending values inside: the k-th largest of class c sits k from its end.
+    ascending, order = torch.sort(values)
+    by_class, regroup = torch.sort(classes[order], stable=True)
+    end = torch.bincount(by_class, minlength=len(present)).cumsum(0)
+    return ascending[regroup][(end - k)[present]]
 
 
 def class_balanced_thresholds_reference(

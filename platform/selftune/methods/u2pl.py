@@ -382,7 +382,6 @@ def build_contrastive_samples(
     probs = teacher_probs.detach()
     ranks = class_ranks(probs)  # (B, C, h, w)
     is_labelled = labelled.to(torch.bool).view(batch, 1, 1)
-    device = _generator_device(generator)
 
     samples: list[ClassSamples] = []
     num_valid = 0
@@ -400,13 +399,22 @@ def build_contrastive_samples(
         anchor_pool = student[candidates & (probs[:, cls] > delta_p)]  # (n_a, D)
         if anchor_pool.shape[0] == 0 or memory_bank.size(cls) == 0:
             continue
-        pick = torch.randint(anchor_pool.shape[0], (num_queries,), generator=generator, device=device)
-        anchors = anchor_pool[pick.to(anchor_pool.device)]  # (Q, D)
         positive = teacher[candidates].mean(dim=0)  # (D,)
-        negatives = memory_bank.sample(cls, num_queries * num_negatives, generator)
-        negatives = negatives.to(anchors.device, anchors.dtype).view(num_queries, num_negatives, dim)
-        samples.append(ClassSamples(cls, anchors, positive, negatives))
+        samples.append(_draw_class_samples(cls, anchor_pool, positive, memory_bank, num_queries, num_negatives, generator))
     return samples, num_valid
+
+
+def _draw_class_samples(
+    cls: int, anchor_pool: torch.Tensor, positive: torch.Tensor, memory_bank: ClassMemoryBank,
+    num_queries: int, num_negatives: int, generator: torch.Generator | None,
+) -> ClassSamples:
+    """``num_queries`` anchors from ``anchor_pool`` (n_a, D) and ``num_negatives`` keys per anchor
+    from bank[cls], both drawn with replacement as in the authors' code."""
+    pick = torch.randint(anchor_pool.shape[0], (num_queries,), generator=generator, device=_generator_device(generator))
+    anchors = anchor_pool[pick.to(anchor_pool.device)]  # (Q, D)
+    negatives = memory_bank.sample(cls, num_queries * num_negatives, generator)
+    negatives = negatives.to(anchors.device, anchors.dtype).view(num_queries, num_negatives, anchor_pool.shape[1])
+    return ClassSamples(cls, anchors, positive, negatives)
 
 
 def memory_bank_contrastive_loss(
