@@ -29,7 +29,7 @@ from selftune.search.summary import (
 )
 from selftune.search.callbacks import Progress, TrialRunCloser, close_open_runs
 from selftune.search.searcher import StageAwareOptunaSearch
-from selftune.search.trial import OBJECTIVE, STAGE, TrialContext, run_trial
+from selftune.search.trial import OBJECTIVE, STAGE, TRIAL_ACTOR_CPUS, TrialContext, run_trial
 from selftune.tracking import (
     NOT_LOGGED, RunTracker, absorb_not_logged, attempt, client, create_run, describe_not_logged, ensure_experiment,
     finish_run, not_logged, offline, require_reachable, take_not_logged, write_not_logged,
@@ -184,7 +184,7 @@ def _fit(space: SearchSpace, folder: Path, state: dict[str, Any], tracking_uri: 
     context = TrialContext(space=space, tracking_uri=tracking_uri, experiment_id=state["experiment_id"],
                            search_run_id=state["search_run_id"], cache_root=str(folder / "stage-cache"),
                            not_logged_dir=str(folder / "not_logged"))
-    trainable = ray.tune.with_resources(ray.tune.with_parameters(run_trial, context=context), {"cpu": 0.01})
+    trainable = ray.tune.with_resources(ray.tune.with_parameters(run_trial, context=context), {"cpu": TRIAL_ACTOR_CPUS})
     callbacks = [TrialRunCloser(tracking_uri), Progress(space.config.budget.num_samples, space.config.objective.mode, progress)]
     tune_path = folder / "tune"
     if resume and ray.tune.Tuner.can_restore(str(tune_path)):
@@ -201,6 +201,9 @@ def _fit(space: SearchSpace, folder: Path, state: dict[str, Any], tracking_uri: 
                 num_samples=space.config.budget.num_samples,
                 max_concurrent_trials=max_concurrent(space),
                 time_budget_s=space.config.budget.time_limit_s,
+                # A finished trial's actor runs the next one: a new actor re-imports torch, MLflow
+                # and Ray Train, seconds of CPU per trial on a small machine.
+                reuse_actors=True,
             ),
             run_config=ray.tune.RunConfig(
                 name="tune", storage_path=str(folder), verbose=0, callbacks=callbacks,
@@ -248,12 +251,22 @@ def max_concurrent(space: SearchSpace) -> int:
 
     resources = space.pipeline_for(space.default_sample()).resources
     cluster = ray.cluster_resources()
-    workers = max(1, resources.workers)
-    fit = int(cluster.get("CPU", 1) // (workers * resources.cpus_per_worker))
+    if resources.workers:  # a worker group's CPUs come on top of the trial actor's
+        per_trial = resources.workers * resources.cpus_per_worker + TRIAL_ACTOR_CPUS
+    else:  # the local-mode stage task takes the trial actor's share out of its own
+        per_trial = resources.cpus_per_worker
+    fit = int(cluster.get("CPU", 1) // per_trial)
+    if fit < 1:
+        raise ConfigError(
+            f"{space.source}: a trial needs {per_trial:g} CPUs ({resources.workers} workers x resources.cpus_per_worker "
+            f"{resources.cpus_per_worker:g}, plus {TRIAL_ACTOR_CPUS} for the trial) but the cluster has {cluster.get('CPU', 0):g}; "
+            "lower resources.workers or resources.cpus_per_worker"
+        )
     if resources.use_gpu:
-        fit = min(fit, int(cluster.get("GPU", 0) // workers))
+        gpus = max(1, resources.workers)
+        fit = min(fit, int(cluster.get("GPU", 0) // gpus))
         if fit < 1:
-            raise ConfigError(f"{space.source}: a trial needs {workers} GPU(s) but the cluster has {cluster.get('GPU', 0)}")
+            raise ConfigError(f"{space.source}: a trial needs {gpus} GPU(s) but the cluster has {cluster.get('GPU', 0)}")
     wanted = space.config.budget.max_concurrent
     return max(1, min(fit, wanted) if wanted else fit)
 

@@ -41,6 +41,7 @@ from selftune.tracking import RunTracker, attempt, client, create_run, not_logge
 KIND_TRIAL = "trial"
 OBJECTIVE = "objective"  # the Tune / Optuna metric name
 STAGE = "stage"  # ASHA's time attribute: stages completed
+TRIAL_ACTOR_CPUS = 0.01  # what a trial's own actor reserves (Tune refuses 0); it only waits on its stages
 
 
 @dataclass(frozen=True)
@@ -150,9 +151,17 @@ def execute_stage(job: StageJob, resources: ResourcesConfig) -> dict[str, Any]:
     storage = Path(job.output_dir) / "ray"
     if resources.workers > 0:
         return run_stage(job, resources, storage_path=storage)
-    # "DEFAULT": schedule on the cluster's CPUs, not inside the trial's 0.01-CPU placement group.
-    task = ray.remote(_run_local_stage).options(num_cpus=resources.cpus_per_worker, scheduling_strategy="DEFAULT")
+    # "DEFAULT": schedule on the cluster's CPUs, not inside the trial's placement group.
+    options = {"num_cpus": local_stage_cpus(resources), "scheduling_strategy": "DEFAULT"}
+    task = ray.remote(_run_local_stage).options(**options)
     return ray.get(task.remote(job, resources, str(storage)))
+
+
+def local_stage_cpus(resources: ResourcesConfig) -> float:
+    """CPUs a trial's local-mode stage task asks Ray for: its share less what the trial actor
+    holds, so N one-CPU trials run N stages at once on N CPUs (a whole CPU each left every
+    second stage queued behind the first)."""
+    return max(resources.cpus_per_worker - TRIAL_ACTOR_CPUS, resources.cpus_per_worker / 2)
 
 
 def _run_local_stage(job: StageJob, resources: ResourcesConfig, storage: str) -> dict[str, Any]:
