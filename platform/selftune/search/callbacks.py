@@ -81,7 +81,7 @@ class Progress(Callback):
                 self.best = value
         if how == "done" and stopped_early(result):
             how = f"stopped after stage {result[STAGE]}"
-        running = sum(1 for t in trials if t.status == "RUNNING")
+        running = sum(1 for t in trials if t.status == "RUNNING" and t is not trial)  # Tune flips its status after us
         best = "-" if self.best is None else f"{self.best:.4f}"
         self.say(f"▶ trial {trial.trial_id} {how}: {self.done}/{self.total} done, {running} running, best so far {best}")
 
