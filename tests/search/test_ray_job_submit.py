@@ -9,6 +9,7 @@ import secrets
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -42,6 +43,19 @@ def cluster(tmp_path, session_home):
         subprocess.run([ray, "stop", "--force"], env=env, capture_output=True, timeout=120)
 
 
+def submit_job(cluster, args: list[str]) -> subprocess.CompletedProcess:
+    """``ray job submit``, tried again while the head's job agent is still starting: on a loaded
+    machine the dashboard answers before its agent has registered, and Ray says to try again later
+    (nothing was submitted)."""
+    for _ in range(12):
+        submit = subprocess.run([cluster["ray"], "job", "submit", "--address", cluster["address"], *args],
+                                env=cluster["env"], capture_output=True, text=True, timeout=600)
+        if "No available agent to submit job" not in submit.stdout + submit.stderr:
+            return submit
+        time.sleep(5)
+    return submit
+
+
 def test_a_search_submitted_as_a_ray_job_succeeds_logs_its_runs_and_needs_the_token(tmp_path, cluster, session_home, small_synthetic):
     job_dir = tmp_path / "job"
     job_dir.mkdir()
@@ -57,12 +71,10 @@ def test_a_search_submitted_as_a_ray_job_succeeds_logs_its_runs_and_needs_the_to
     tracking_uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     runtime_env = {"env_vars": {"MLFLOW_TRACKING_URI": tracking_uri, "SELFTUNE_CACHE": str(session_home / "cache"),
                                 "OMP_NUM_THREADS": "1"}}
-    submit = subprocess.run(
-        [cluster["ray"], "job", "submit", "--address", cluster["address"], "--working-dir", str(job_dir),
-         "--runtime-env-json", json.dumps(runtime_env),
-         "--", "python", "-m", "selftune", "search", "space.yaml", "--out", str(tmp_path / "runs")],
-        env=cluster["env"], capture_output=True, text=True, timeout=600,
-    )
+    submit = submit_job(cluster, [
+        "--working-dir", str(job_dir), "--runtime-env-json", json.dumps(runtime_env),
+        "--", "python", "-m", "selftune", "search", "space.yaml", "--out", str(tmp_path / "runs"),
+    ])
     assert submit.returncode == 0, submit.stdout[-3000:] + submit.stderr[-3000:]
     assert "succeeded" in submit.stdout.lower()  # ray job submit waits for the job and exits 0 only on success
     client = MlflowClient(tracking_uri)

@@ -32,7 +32,7 @@ def test_equal_configs_share_keys_and_a_change_invalidates_only_what_follows_it(
     changed = keys("stages.pseudo_label.threshold=0.8")
     assert changed[0] == supervised and changed[1] != pseudo_label and changed[2] != self_train
     # A change to the last stage leaves the first two shared.
-    changed = keys("stages.self_train.optimizer.lr=0.001")
+    changed = keys("stages.self_train.optimizer.lr=0.003")
     assert changed[:2] == [supervised, pseudo_label] and changed[2] != self_train
     # The dataset, the seed and the model reach every stage.
     for override in ("data.labelled=12", "seed=1", "model.options.width=16"):

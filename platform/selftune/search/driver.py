@@ -201,9 +201,8 @@ def _fit(space: SearchSpace, folder: Path, state: dict[str, Any], tracking_uri: 
                 num_samples=space.config.budget.num_samples,
                 max_concurrent_trials=max_concurrent(space),
                 time_budget_s=space.config.budget.time_limit_s,
-                # A finished trial's actor runs the next one: a new actor re-imports torch, MLflow
-                # and Ray Train, seconds of CPU per trial on a small machine.
-                reuse_actors=True,
+                # reuse_actors stays off (Tune's default): with it, a CI run lost a trial whose
+                # actor was torn down as another trial ended (ray-project/ray#42951 on its races).
             ),
             run_config=ray.tune.RunConfig(
                 name="tune", storage_path=str(folder), verbose=0, callbacks=callbacks,
