@@ -36,6 +36,10 @@ def cluster(tmp_path, session_home):
     env.pop("RAY_ADDRESS", None)
     subprocess.run([ray, "start", "--head", f"--port={free_port()}", "--num-cpus=2", "--num-gpus=0",
                     "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}", "--include-dashboard=true",
+                    # Its own agent ports: the default 52365 may be held by a Ray instance of a test
+                    # running alongside, and a head whose job agent cannot bind refuses every job.
+                    f"--dashboard-agent-listen-port={free_port()}", f"--dashboard-agent-grpc-port={free_port()}",
+                    f"--runtime-env-agent-port={free_port()}", f"--metrics-export-port={free_port()}",
                     "--disable-usage-stats"], env=env, check=True, capture_output=True, timeout=120)
     try:
         yield {"address": f"http://127.0.0.1:{dashboard}", "env": env, "ray": ray}
@@ -47,7 +51,7 @@ def submit_job(cluster, args: list[str]) -> subprocess.CompletedProcess:
     """``ray job submit``, tried again while the head's job agent is still starting: on a loaded
     machine the dashboard answers before its agent has registered, and Ray says to try again later
     (nothing was submitted)."""
-    for _ in range(12):
+    for _ in range(6):
         submit = subprocess.run([cluster["ray"], "job", "submit", "--address", cluster["address"], *args],
                                 env=cluster["env"], capture_output=True, text=True, timeout=600)
         if "No available agent to submit job" not in submit.stdout + submit.stderr:
