@@ -250,7 +250,7 @@ def dataset_root(args) -> Path:
     return root
 
 
-def main(argv: list[str] | None = None) -> dict:
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seed", type=int, default=0, help="labelled subset and training seed (and dataset seed unless --data-seed)")
     parser.add_argument("--data-seed", type=int, default=None)
@@ -280,6 +280,11 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--tag", default="", help="a label for this run in the JSON lines")
     args = parser.parse_args(argv)
     args.data_seed = args.seed if args.data_seed is None else args.data_seed
+    return args
+
+
+def main(argv: list[str] | None = None) -> dict:
+    args = parse_args(argv)
     torch.set_num_threads(args.threads)
 
     started = time.perf_counter()
@@ -353,13 +358,17 @@ def main(argv: list[str] | None = None) -> dict:
         train(student, batches, steps=args.st_steps, lr=args.st_lr or args.lr, phase=st, pseudo_weight=args.pseudo_weight, **common)
         done(st)
 
+    print_summary(phases, sup)
+    return {"args": vars(args), "phases": [vars(p) for p in phases]}
+
+
+def print_summary(phases: list[Phase], sup: Phase) -> None:
     print(f"{'phase':<28}{'steps':>6}{'images':>8}{'seconds':>9}{'best mIoU':>11}{'last mIoU':>11}  extra")
     for p in phases:
         print(row(p))
     for p in phases[1:]:
         if p.name.startswith("self_train"):
             print(f"gain {p.name}: {100 * (p.best_miou - sup.best_miou):+.1f} points (best val mIoU)")
-    return {"args": vars(args), "phases": [vars(p) for p in phases]}
 
 
 if __name__ == "__main__":
