@@ -8,11 +8,11 @@ stage function registered for the stage's kind.
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Any
 
 from selftune.config import ResourcesConfig
+from selftune.engine.cluster import ensure_ray
 from selftune.engine.context import WorkerContext
 from selftune.errors import SelftuneError
 from selftune.stages import StageJob, stage_function
@@ -71,23 +71,6 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     finally:  # what this worker could not log goes to the stage folder; the stage's starter absorbs it
         if rank == 0 and len(tracking.not_logged()) > mark:
             tracking.write_not_logged(job.output(tracking.NOT_LOGGED), tracking.take_not_logged(mark))
-
-
-def ensure_ray(*, worker_output: bool = True) -> None:
-    """Join the cluster this process belongs to (``RAY_ADDRESS``, e.g. inside a Ray job), or start a
-    local one sized to this machine. ``worker_output=False`` keeps workers' prints (Ray Train's
-    per-report lines) off this terminal: a search prints its own progress."""
-    import ray
-
-    if ray.is_initialized():
-        return
-    quiet = {"logging_level": "WARNING", "log_to_driver": worker_output}
-    if os.environ.get("RAY_ADDRESS"):
-        ray.init(address=os.environ["RAY_ADDRESS"], **quiet)
-    else:
-        # address="local": always a private instance, never a `ray start` cluster that happens to
-        # run on this machine (set RAY_ADDRESS=auto to use that one).
-        ray.init(address="local", include_dashboard=False, configure_logging=True, **quiet)
 
 
 def unwrap_worker_error(error: BaseException) -> BaseException:

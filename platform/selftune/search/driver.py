@@ -178,7 +178,7 @@ def _open_search_run(space: SearchSpace, folder: Path, tracking_uri: str, experi
 def _fit(space: SearchSpace, folder: Path, state: dict[str, Any], tracking_uri: str, resume: bool, progress):
     import ray.tune
 
-    from selftune.engine.ray_train import ensure_ray
+    from selftune.engine.cluster import ensure_ray
 
     ensure_ray(worker_output=False)
     context = TrialContext(space=space, tracking_uri=tracking_uri, experiment_id=state["experiment_id"],
