@@ -23,20 +23,23 @@ TINY = [
 
 
 def write_folder_dataset(root: Path, *, bad_mask_id: str | None = None, corrupt_image_id: str | None = None) -> Path:
-    """6 train + 2 val images of 16x16 with 3 classes in the folder format."""
+    """6 train + 2 val images of 16x16 with 3 classes in the folder format, plus 2 unlabelled-only
+    train images (no mask), so a labelled set of 6 leaves something to pseudo-label."""
     rng = np.random.default_rng(0)
     for sub in ("images", "masks", "splits"):
         (root / sub).mkdir(parents=True, exist_ok=True)
     ids = [f"img{i}" for i in range(8)]
-    for sample_id in ids:
+    for sample_id in [*ids, "extra0", "extra1"]:
         Image.fromarray(rng.integers(0, 255, (16, 16, 3), dtype=np.uint8)).save(root / "images" / f"{sample_id}.png")
+        if sample_id.startswith("extra"):
+            continue
         mask = rng.integers(0, 3, (16, 16), dtype=np.uint8)
         if sample_id == bad_mask_id:
             mask[3, 4] = 7  # neither a class index (0..2) nor 255
         Image.fromarray(mask).save(root / "masks" / f"{sample_id}.png")
     if corrupt_image_id:
         (root / "images" / f"{corrupt_image_id}.png").write_bytes(b"not a png at all")
-    (root / "splits" / "train.txt").write_text("\n".join(ids[:6]) + "\n")
+    (root / "splits" / "train.txt").write_text("\n".join([*ids[:6], "extra0", "extra1"]) + "\n")
     (root / "splits" / "val.txt").write_text("\n".join(ids[6:]) + "\n")
     (root / "classes.txt").write_text("background\nthing\nstuff\n")
     return root

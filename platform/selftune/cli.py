@@ -88,12 +88,10 @@ def _quiet_libraries() -> None:
 
 def command_run(args: argparse.Namespace) -> int:
     from selftune.config import load_pipeline
-    from selftune.engine.pipeline import run_pipeline
+    from selftune.runner import run_pipeline
     from selftune.report import print_stage_table, stage_header
     from selftune import tracking
     from selftune.tracking import resolve_tracking_uri
-
-    import selftune.stages  # noqa: F401  (registers every stage kind before the YAML is validated)
 
     pipeline = load_pipeline(args.pipeline, args.overrides)
     tracking_uri = resolve_tracking_uri(args.tracking_uri)
@@ -117,8 +115,6 @@ def command_search(args: argparse.Namespace) -> int:
     from selftune.search.space import load_search_space
     from selftune.tracking import resolve_tracking_uri
 
-    import selftune.stages  # noqa: F401  (registers every stage kind before the pipeline is validated)
-
     space = load_search_space(args.space, args.overrides)
     tracking_uri = resolve_tracking_uri(args.tracking_uri)
     outcome = run_search(space, tracking_uri=tracking_uri, out_root=args.out, resume=args.resume,
@@ -141,8 +137,6 @@ def command_show(args: argparse.Namespace) -> int:
 def command_final(args: argparse.Namespace) -> int:
     from selftune.search.final import run_final
     from selftune.tracking import resolve_tracking_uri
-
-    import selftune.stages  # noqa: F401
 
     tracking_uri = resolve_tracking_uri(args.tracking_uri)
     run_final(source=args.source, params_file=args.params, pipeline_file=args.pipeline, overrides=args.overrides,

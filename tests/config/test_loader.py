@@ -62,7 +62,7 @@ def test_parse_override_reads_values_as_yaml():
         ("stages.st.kind=magic", r"demo.yaml: stages.st.kind: unknown stage kind 'magic'; valid kinds are: .*supervised"),
         ("data.scale_range=[2, 1]", r"demo.yaml: data.scale_range: must satisfy 0 < low <= high"),
         ("stages.st.init_from=label", r"demo.yaml: stages.st.init_from: 'label' is not an earlier stage .*valid: sup"),
-        ("stages.label.model_from=st", r"demo.yaml: stages.label.model_from: 'st' is not an earlier stage"),
+        ("stages.label.model_from=st", r"demo.yaml: stages.label.model_from: 'st' comes later in the pipeline"),
         ("stages.st.optimizer.lr=-1", r"demo.yaml: stages.st.optimizer.lr: .*greater than 0, got -1"),
     ],
 )

@@ -1,5 +1,5 @@
-"""DST-CBC stages: the dynamic loss inside ``self_train``, the class-balanced labelling pass, the
-rounds pipeline end to end."""
+"""DST-CBC stages: the dynamic loss of ``dst_train``, the class-balanced labelling pass, the rounds
+pipeline end to end."""
 
 from __future__ import annotations
 
@@ -9,11 +9,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from support import REPO
+from support import REPO, two_stream
 from selftune.config import load_pipeline
 from selftune.engine.context import WorkerContext
 from selftune.errors import ConfigError
-from selftune.stages.dst_cbc import gather_concat, sampled_confidences, threshold_metrics
+from selftune.methods.dst_cbc import dynamic_self_training_loss
+from selftune.stages.dst_cbc import dst_terms, gather_concat, sampled_confidences, threshold_metrics
 from selftune.stages.self_train import self_training_terms
 
 PIPELINE = str(REPO / "pipelines" / "dst_cbc.yaml")
@@ -30,20 +31,48 @@ class Fixed(torch.nn.Module):
         return self.logits
 
 
-def _batch(masks: torch.Tensor, n_labelled: int) -> dict[str, torch.Tensor]:
-    return {"image": torch.zeros(len(masks), 3, *masks.shape[1:]), "mask": masks, "n_labelled": torch.tensor(n_labelled)}
+def _batch(masks: torch.Tensor, n_labelled: int):
+    return two_stream({"image": torch.zeros(len(masks), 3, *masks.shape[1:]), "mask": masks, "n_labelled": torch.tensor(n_labelled)})
 
 
-def test_gamma_zero_is_the_plain_per_term_cross_entropy_bit_for_bit():
+def test_self_train_is_the_plain_per_term_cross_entropy_bit_for_bit():
     torch.manual_seed(0)
     logits = torch.randn(4, 5, 6, 6)
     masks = torch.randint(0, 5, (4, 6, 6))
     masks[2:, :2] = 255
-    terms = self_training_terms(0.7, 0.0)(Fixed(logits), _batch(masks, 2))
+    terms = self_training_terms(0.7)(Fixed(logits), _batch(masks, 2))
     seg = F.cross_entropy(logits[:2], masks[:2], ignore_index=255)
     pseudo = F.cross_entropy(logits[2:], masks[2:], ignore_index=255, reduction="sum") / (masks[2:] != 255).sum()
     assert torch.equal(terms["seg"], seg)
     assert torch.equal(terms["pseudo"], 0.7 * pseudo)
+
+
+def test_dst_gamma_zero_is_cross_entropy_over_the_shared_pixel_count():
+    # gamma is one knob: at 0 the dynamic loss is plain CE over every non-ignored pixel of the
+    # batch (labelled + pseudo-labelled together), the authors' normalisation, and small gammas
+    # approach it continuously (the old self_train switched to per-term means at exactly 0).
+    torch.manual_seed(0)
+    logits = torch.randn(4, 5, 6, 6)
+    masks = torch.randint(0, 5, (4, 6, 6))
+    masks[2:, :3] = 255  # fewer valid pixels on the pseudo side: per-term means would differ
+    terms = dst_terms(1.0, 0.0)(Fixed(logits), _batch(masks, 2))
+    shared = F.cross_entropy(logits, masks, ignore_index=255)  # one mean over the whole batch
+    assert (terms["seg"] + terms["pseudo"]).item() == pytest.approx(shared.item(), rel=1e-6)
+    near_zero = dst_terms(1.0, 1e-6)(Fixed(logits), _batch(masks, 2))
+    assert (near_zero["seg"] + near_zero["pseudo"]).item() == pytest.approx(shared.item(), rel=1e-4)
+    per_term = self_training_terms(1.0)(Fixed(logits), _batch(masks, 2))
+    assert (per_term["seg"] + per_term["pseudo"]).item() != pytest.approx(shared.item(), rel=1e-3)
+
+
+def test_dst_terms_add_up_to_the_weight_mask_form_of_the_loss():
+    torch.manual_seed(1)
+    logits = torch.randn(4, 3, 5, 5)
+    masks = torch.randint(0, 3, (4, 5, 5))
+    masks[0, 0] = 255
+    masks[3, :, :2] = 255
+    terms = dst_terms(1.0, 9.0)(Fixed(logits), _batch(masks, 2))
+    authors = dynamic_self_training_loss(logits, masks, 9.0, weight_mask=torch.arange(4) >= 2)
+    assert (terms["seg"] + terms["pseudo"]).item() == pytest.approx(authors.item(), rel=1e-6)
 
 
 def test_dynamic_terms_match_a_hand_computed_batch():
@@ -53,11 +82,11 @@ def test_dynamic_terms_match_a_hand_computed_batch():
     logits = torch.zeros(2, 2, 1, 2)
     logits[1, 0, 0, 0] = math.log(3.0)
     masks = torch.tensor([[[0, 255]], [[0, 255]]])
-    terms = self_training_terms(1.0, 2.0)(Fixed(logits), _batch(masks, 1))
+    terms = dst_terms(1.0, 2.0)(Fixed(logits), _batch(masks, 1))
     assert terms["seg"].item() == pytest.approx(math.log(2.0) / 2)
     assert terms["pseudo"].item() == pytest.approx(0.75**2 * -math.log(0.75) / 2)
     # pseudo_weight scales only the pseudo term
-    halved = self_training_terms(0.5, 2.0)(Fixed(logits), _batch(masks, 1))
+    halved = dst_terms(0.5, 2.0)(Fixed(logits), _batch(masks, 1))
     assert halved["pseudo"].item() == pytest.approx(0.5 * terms["pseudo"].item())
     assert halved["seg"].item() == pytest.approx(terms["seg"].item())
 
@@ -65,7 +94,7 @@ def test_dynamic_terms_match_a_hand_computed_batch():
 def test_dynamic_terms_backpropagate_through_the_ce_only():
     logits = torch.randn(2, 3, 2, 2, requires_grad=True)
     masks = torch.randint(0, 3, (2, 2, 2))
-    terms = self_training_terms(1.0, 9.0)(Fixed(logits), _batch(masks, 1))
+    terms = dst_terms(1.0, 9.0)(Fixed(logits), _batch(masks, 1))
     sum(terms.values()).backward()
     assert logits.grad is not None and torch.isfinite(logits.grad).all()
 
@@ -98,7 +127,7 @@ def test_threshold_metrics_leave_out_classes_without_a_threshold():
 def test_rounds_schedule_alpha_and_keep_the_references_explicit():
     pipeline = load_pipeline(PIPELINE)
     labels = [s for s in pipeline.stages if s.kind == "class_balanced_label"]
-    trains = [s for s in pipeline.stages if s.kind == "self_train"]
+    trains = [s for s in pipeline.stages if s.kind == "dst_train"]
     assert [round(s.alpha, 6) for s in labels] == [0.2, 0.4, 0.6, 0.8, 1.0]
     assert [s.gamma for s in trains] == [9.0] * 5
     assert labels[0].model_from == "supervised" and labels[1].model_from == "dst-r1-train"

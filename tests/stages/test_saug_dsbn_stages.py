@@ -13,11 +13,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from support import REPO
+from support import REPO, two_stream
 from selftune.cli import main
 from selftune.methods.saug_dsbn import DualBatchNorm2d, convert_to_dsbn, self_correction_loss
 from selftune.models import build_model, load_checkpoint, save_checkpoint
-from selftune.stages.saug_dsbn import paired_strong, save_plain_checkpoint, student_terms
+from selftune.data import two_streams
+from selftune.stages.saug_dsbn import plain_network, student_terms
 
 PIPELINE = REPO / "pipelines" / "saug_dsbn_scl.yaml"
 
@@ -31,7 +32,7 @@ def _batch(weak: float, strong: float) -> dict[str, torch.Tensor]:
 def test_labelled_images_update_the_normal_bn_and_pseudo_labelled_the_strong_one():
     model = convert_to_dsbn(nn.Sequential(nn.BatchNorm2d(2)))
     model.train()
-    student_terms(1.0, dsbn=True, scl=True)(model, _batch(weak=1.0, strong=5.0))
+    student_terms(1.0, dsbn=True, scl=True)(model, two_stream(_batch(weak=1.0, strong=5.0)))
     dual = model[0]
     # momentum 0.1 from running_mean 0: the normal BN saw only the labelled 1s, the strong BN only the 5s.
     assert torch.allclose(dual.normal.running_mean, torch.tensor([0.1, -0.1]))
@@ -40,7 +41,7 @@ def test_labelled_images_update_the_normal_bn_and_pseudo_labelled_the_strong_one
 
 def test_without_dsbn_one_bn_sees_the_whole_batch():
     model = nn.Sequential(nn.BatchNorm2d(2)).train()
-    student_terms(1.0, dsbn=False, scl=True)(model, _batch(weak=1.0, strong=5.0))
+    student_terms(1.0, dsbn=False, scl=True)(model, two_stream(_batch(weak=1.0, strong=5.0)))
     assert torch.allclose(model[0].running_mean, torch.tensor([0.3, -0.3]))
 
 
@@ -48,8 +49,8 @@ def test_scl_switch_chooses_the_pseudo_loss():
     model = nn.Identity()
     batch = _batch(weak=0.3, strong=0.7)
     logits = batch["image"]
-    with_scl = student_terms(2.0, dsbn=False, scl=True)(model, batch)
-    with_ce = student_terms(2.0, dsbn=False, scl=False)(model, batch)
+    with_scl = student_terms(2.0, dsbn=False, scl=True)(model, two_stream(batch))
+    with_ce = student_terms(2.0, dsbn=False, scl=False)(model, two_stream(batch))
     assert with_scl["pseudo"].item() == pytest.approx(2.0 * self_correction_loss(logits[2:], batch["mask"][2:]).item())
     assert with_ce["pseudo"].item() == pytest.approx(2.0 * F.cross_entropy(logits[2:], batch["mask"][2:]).item())
     assert with_scl["seg"].item() == pytest.approx(F.cross_entropy(logits[:2], batch["mask"][:2]).item())
@@ -59,9 +60,12 @@ def test_the_strong_view_replaces_the_pseudo_labelled_image():
     labelled = [{"image": torch.zeros(2, 3, 4, 4), "mask": torch.zeros(2, 4, 4, dtype=torch.long)}]
     pseudo = [{"image": torch.ones(3, 3, 4, 4), "image_strong": torch.full((3, 3, 4, 4), 7.0),
                "mask": torch.ones(3, 4, 4, dtype=torch.long)}]
-    (batch,) = paired_strong(iter(labelled), iter(pseudo))
-    assert int(batch["n_labelled"]) == 2 and batch["image"].shape[0] == 5
-    assert (batch["image"][2:] == 7.0).all() and (batch["mask"][2:] == 1).all()
+    (batch,) = two_streams(iter(labelled), iter(pseudo))
+    seen = {}
+    terms = student_terms(1.0, dsbn=False, scl=False)
+    terms(lambda images: seen.setdefault("images", images) * 0, batch)
+    assert batch.n_labelled == 2 and seen["images"].shape[0] == 5
+    assert (seen["images"][2:] == 7.0).all() and (seen["images"][:2] == 0.0).all()
 
 
 def _trained_dsbn_network() -> nn.Module:
@@ -69,7 +73,7 @@ def _trained_dsbn_network() -> nn.Module:
     model = convert_to_dsbn(build_model("small_segnet", 3))
     model.train()
     x = torch.randn(4, 3, 32, 32)
-    student_terms(1.0, dsbn=True, scl=True)(model, {"image": torch.cat([x, 3 * x + 2]), "mask": torch.zeros(8, 32, 32, dtype=torch.long), "n_labelled": torch.tensor(4)})
+    student_terms(1.0, dsbn=True, scl=True)(model, two_stream({"image": torch.cat([x, 3 * x + 2]), "mask": torch.zeros(8, 32, 32, dtype=torch.long), "n_labelled": torch.tensor(4)}))
     for dual in (m for m in model.modules() if isinstance(m, DualBatchNorm2d)):
         dual.strong.weight.data.mul_(5.0)  # make the strong branch clearly different
     return model
@@ -87,16 +91,14 @@ def test_evaluation_never_uses_the_strong_bn():
 
 
 def test_the_saved_checkpoint_reloads_as_the_plain_network(tmp_path):
-    from selftune.config import PipelineConfig
-    from selftune.stages.job import StageJob
-
     model = _trained_dsbn_network().eval()
     folder = tmp_path / "checkpoint"
     save_checkpoint(folder, model, {"name": "small_segnet", "num_classes": 3}, extra={"val_miou": 0.5, "epoch": 2})
     with pytest.raises(Exception):
-        load_checkpoint(folder)  # fit() saved the DSBN network: not loadable as a plain model
-    job = StageJob(pipeline=PipelineConfig(name="t", stages=[{"name": "x"}]), stage_index=0, output_dir=str(tmp_path))
-    save_plain_checkpoint(folder, job, num_classes=3)
+        load_checkpoint(folder)  # the DSBN network itself is not loadable as a plain model
+    # What the stage's best-checkpoint hook saves: the exported plain copy; training goes on with DSBN.
+    save_checkpoint(folder, plain_network(model), {"name": "small_segnet", "num_classes": 3}, extra={"val_miou": 0.5, "epoch": 2})
+    assert any(isinstance(m, DualBatchNorm2d) for m in model.modules())
     plain, record = load_checkpoint(folder)
     assert not any(isinstance(m, DualBatchNorm2d) for m in plain.modules())
     assert record["val_miou"] == 0.5 and record["epoch"] == 2

@@ -30,10 +30,11 @@ def test_snapshot_epochs_are_the_authors_thirds():
         snapshot_epochs(5, 1)
 
 
-def test_snapshots_default_to_the_best_model_stage():
-    stage = StabilitySelectStage(name="s", model_from="sup")
-    assert stage.upstream() == {"model": "sup", "snapshots": "sup"}
-    assert StabilitySelectStage(name="s", model_from="a", snapshots_from="b").upstream()["snapshots"] == "b"
+def test_snapshots_default_to_the_closest_snapshot_stage():
+    assert StabilitySelectStage(name="s", model_from="a", snapshots_from="b").upstream() == {"model": "a", "snapshots": "b"}
+    pipeline = load_pipeline(str(PIPELINE))
+    select = next(stage for stage in pipeline.stages if stage.kind == "stability_select")
+    assert select.snapshots_from == "supervised" and select.upstream()["snapshots"] == "supervised"
 
 
 def test_pipeline_references_resolve_to_the_st_plus_plus_chain():

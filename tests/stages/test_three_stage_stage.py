@@ -17,7 +17,9 @@ from selftune.cli import main
 from selftune.config import load_pipeline
 from selftune.data.synthetic import generate_synthetic
 from selftune.models import build_model, load_checkpoint
-from selftune.stages.teacher import MeanTeacher
+from selftune.data import TwoStreamBatch
+from selftune.engine.loop import TrainState
+from selftune.stages.teacher import EmaUpdate, MeanTeacher
 from selftune.stages.three_stage import MultiTaskStage, ema_decay_of, multi_task_terms
 
 REPO = Path(__file__).resolve().parents[2]
@@ -26,7 +28,7 @@ REPO = Path(__file__).resolve().parents[2]
 def _pair(decay: float = 0.5, **options) -> MeanTeacher:
     torch.manual_seed(0)
     student = build_model("multi_head", 3, base="small_segnet", base_options={"width": 8}, **options)
-    return MeanTeacher(student, lambda updates: decay)
+    return MeanTeacher(student, lambda updates, epoch: decay)
 
 
 def test_teacher_moves_by_ema_after_each_optimizer_step():
@@ -38,12 +40,12 @@ def test_teacher_moves_by_ema_after_each_optimizer_step():
     optimizer.step()
     student = dict(pair.student.named_parameters())[name].detach().clone()
     assert not torch.equal(student, before)  # the step moved the student
-    assert torch.equal(dict(pair.teacher.named_parameters())[name], before)  # update still pending
-    pair.eval()  # validation applies the pending update: t = 0.75 t + 0.25 s
+    assert torch.equal(dict(pair.teacher.named_parameters())[name], before)  # the teacher did not train
+    EmaUpdate().after_step(TrainState(epochs=1, steps_per_epoch=1, epoch=1, step=1), pair)  # t = 0.75 t + 0.25 s
     assert torch.allclose(dict(pair.teacher.named_parameters())[name], 0.75 * before + 0.25 * student)
     assert pair.updates == 1
-    pair.eval()  # nothing pending: no second update
-    assert pair.updates == 1
+    pair.eval()  # switching to evaluation moves nothing
+    assert pair.updates == 1 and torch.allclose(dict(pair.teacher.named_parameters())[name], 0.75 * before + 0.25 * student)
 
 
 def test_teacher_is_the_checkpoint_and_the_eval_forward():
@@ -61,14 +63,14 @@ def _stage(**overrides) -> MultiTaskStage:
     return MultiTaskStage(name="s2", pseudo_labels="pl", epochs=2, **overrides)
 
 
-def _batch(n_l: int = 2, n_u: int = 3, size: int = 32) -> dict[str, torch.Tensor]:
+def _batch(n_l: int = 2, n_u: int = 3, size: int = 32) -> TwoStreamBatch:
     torch.manual_seed(1)
-    return {
-        "image_l": torch.randn(n_l, 3, size, size), "mask_l": torch.randint(0, 3, (n_l, size, size)),
-        "valid_l": torch.ones(n_l, size, size, dtype=torch.bool),
-        "image_u": torch.randn(n_u, 3, size, size), "strong_u": torch.randn(n_u, 3, size, size),
-        "pseudo_u": torch.randint(0, 3, (n_u, size, size)), "valid_u": torch.ones(n_u, size, size, dtype=torch.bool),
-    }
+    return TwoStreamBatch(
+        {"image": torch.randn(n_l, 3, size, size), "mask": torch.randint(0, 3, (n_l, size, size)),
+         "valid": torch.ones(n_l, size, size, dtype=torch.bool)},
+        {"image": torch.randn(n_u, 3, size, size), "image_strong": torch.randn(n_u, 3, size, size),
+         "mask": torch.randint(0, 3, (n_u, size, size)), "valid": torch.ones(n_u, size, size, dtype=torch.bool)},
+    )
 
 
 def test_loss_terms_are_weighted_and_reach_the_right_heads():
@@ -89,18 +91,18 @@ def test_pl_term_equals_cross_entropy_on_the_moved_masks_without_geometry():
     batch = _batch()
     terms = multi_task_terms(stage, torch.Generator().manual_seed(0))(pair, batch)
     with torch.no_grad():
-        main, branch = pair.student(torch.cat([batch["image_l"], batch["strong_u"]]), both=True)
-    masks = torch.cat([batch["mask_l"], batch["pseudo_u"]])
+        main, branch = pair.student(batch.joint("image", "image_strong"), both=True)
+    masks = batch.joint("mask")
     assert torch.allclose(terms["pl"], nn.functional.cross_entropy(branch, masks), atol=1e-5)
-    assert torch.allclose(terms["seg"], nn.functional.cross_entropy(main[:2], batch["mask_l"]), atol=1e-5)
-    teacher_labels = pair.teacher.eval()(torch.cat([batch["image_l"], batch["image_u"]])).argmax(1)
+    assert torch.allclose(terms["seg"], nn.functional.cross_entropy(main[:2], batch.labelled["mask"]), atol=1e-5)
+    teacher_labels = pair.teacher.eval()(batch.joint("image")).argmax(1)
     assert torch.allclose(terms["con"], nn.functional.cross_entropy(main, teacher_labels), atol=1e-5)
 
 
 def test_ema_decay_schedule_is_read_per_epoch():
     stage = _stage(ema_decay={"shape": "list", "values": [0.9, 0.99]})
-    decay = ema_decay_of(stage, steps=3)
-    assert [decay(u) for u in (0, 2, 3, 5, 9)] == [0.9, 0.9, 0.99, 0.99, 0.99]
+    decay = ema_decay_of(stage)
+    assert [decay(u, epoch) for u, epoch in ((0, 0), (2, 0), (3, 1), (5, 1))] == [0.9, 0.9, 0.99, 0.99]
 
 
 def test_config_requires_the_pseudo_labels_and_declares_them_upstream():

@@ -18,10 +18,12 @@ from selftune.methods.common import ema_decay
 from selftune.models import build_model, save_checkpoint
 from selftune.stages.data import StageData
 from selftune.models.multi_head import multi_head_config
+from selftune.data import TwoStreamBatch
+from selftune.engine.loop import TrainState
+from selftune.errors import ConfigError
 from selftune.stages.job import StageJob
-from selftune.stages.teacher import MeanTeacher, with_model
-from selftune.stages.u2pl import U2PLStage, U2PLTerms
-from selftune.stages.teacher import multi_head_student
+from selftune.stages.teacher import MeanTeacher, multi_head_student
+from selftune.stages.u2pl import ReliableLabelQuality, U2PLStage, U2PLTerms
 
 REPO = Path(__file__).resolve().parents[2]
 C = 3
@@ -33,7 +35,7 @@ def _pair() -> MeanTeacher:
         "multi_head", C, base="small_segnet", base_options={"width": 8}, shared_blocks="N-1",
         branch="projection", projection_dim=8,
     )
-    return MeanTeacher(student, lambda k: ema_decay(k, 0.99), parameters_only=True, teacher_train_mode=True)
+    return MeanTeacher(student, lambda k, epoch: ema_decay(k, 0.99), parameters_only=True, teacher_train_mode=True)
 
 
 def _stage(**overrides) -> U2PLStage:
@@ -41,36 +43,38 @@ def _stage(**overrides) -> U2PLStage:
     return U2PLStage(**{**values, **overrides})
 
 
-def _batch(n_l: int = 2, n_u: int = 2, size: int = 32) -> dict[str, torch.Tensor]:
+def _batch(n_l: int = 2, n_u: int = 2, size: int = 32) -> TwoStreamBatch:
     torch.manual_seed(1)
-    return {
-        "image_l": torch.randn(n_l, 3, size, size), "mask_l": torch.randint(0, C, (n_l, size, size)),
-        "image_u": torch.randn(n_u, 3, size, size), "truth_u": torch.randint(0, C, (n_u, size, size)),
-        "valid_u": torch.ones(n_u, size, size, dtype=torch.bool),
-    }
+    return TwoStreamBatch(
+        {"image": torch.randn(n_l, 3, size, size), "mask": torch.randint(0, C, (n_l, size, size))},
+        {"image": torch.randn(n_u, 3, size, size), "mask": torch.randint(0, C, (n_u, size, size)),
+         "valid": torch.ones(n_u, size, size, dtype=torch.bool)},
+    )
+
+
+STATE = TrainState(epochs=2, steps_per_epoch=10, epoch=1)
 
 
 def test_alpha_follows_the_epoch_schedule():
-    terms = U2PLTerms(_stage(alpha0=0.2, anchor_alpha=0.4, epochs=2), steps=2, num_classes=C, device=torch.device("cpu"), seed=0)
-    seen = []
-    for _ in range(4):
-        seen.append(terms.fractions())
-        terms.calls += 1
+    terms = U2PLTerms(_stage(alpha0=0.2, anchor_alpha=0.4, epochs=2), num_classes=C, device=torch.device("cpu"), seed=0)
+    seen = [terms.fractions(TrainState(epochs=2, steps_per_epoch=2, epoch=epoch)) for epoch in (1, 1, 2, 2)]
     assert seen == [(0.2, 0.4), (0.2, 0.4), (0.1, 0.2), (0.1, 0.2)]  # α0 (1 - t/T), t = 0, 1
 
 
 def test_terms_and_the_reliable_fraction_that_is_measured():
     pair = _pair().train()
-    terms = U2PLTerms(_stage(alpha0=0.25, contrastive_weight=1.0), steps=10, num_classes=C, device=torch.device("cpu"), seed=0)
+    terms = U2PLTerms(_stage(alpha0=0.25, contrastive_weight=1.0), num_classes=C, device=torch.device("cpu"), seed=0)
     batch = _batch()
-    losses = terms(pair, batch)
+    losses = terms(pair, batch, STATE)
     assert set(losses) == {"sup", "unsup", "contrastive"}
     assert all(torch.isfinite(v) for v in losses.values())
     sum(losses.values()).backward()
     grads = {n for n, p in pair.student.named_parameters() if p.grad is not None}
     assert any(n.startswith("head.branch.") for n in grads)  # the projection head is trained
     data = StageData(index=_Index(), labelled=[], unlabelled=[])
-    quality = terms.epoch_quality(data)
+    state = TrainState(epochs=2, steps_per_epoch=10, epoch=1)
+    ReliableLabelQuality(terms, data).after_epoch(state, pair)
+    quality = state.metrics
     # np.percentile at 75 % of 2048 pixels, strictly below: 1535 or 1536 of 2048 kept.
     assert quality["pseudo_label/kept_fraction"] == pytest.approx(0.75, abs=1 / 2048 + 1e-9)
     assert {"pseudo_label/miou", "pseudo_label/class_coverage"} <= set(quality)
@@ -78,8 +82,8 @@ def test_terms_and_the_reliable_fraction_that_is_measured():
 
 
 def test_zero_contrastive_weight_skips_the_term_but_keeps_the_graph():
-    terms = U2PLTerms(_stage(contrastive_weight=0.0), steps=1, num_classes=C, device=torch.device("cpu"), seed=0)
-    losses = terms(_pair().train(), _batch())
+    terms = U2PLTerms(_stage(contrastive_weight=0.0), num_classes=C, device=torch.device("cpu"), seed=0)
+    losses = terms(_pair().train(), _batch(), STATE)
     assert losses["contrastive"].item() == 0.0 and losses["contrastive"].requires_grad
 
 
@@ -93,8 +97,9 @@ def test_warm_up_checkpoint_initialises_the_main_path(tmp_path):
     warm = build_model("small_segnet", C, width=8)
     save_checkpoint(tmp_path / "warm", warm, {"name": "small_segnet", "num_classes": C, "options": {"width": 8}})
 
-    job = with_model(_job(), multi_head_config("small_segnet", {"width": 8}, shared_blocks="N-1", branch="projection", projection_dim=8))
-    student = multi_head_student(job, C, str(tmp_path / "warm"))
+    job = StageJob(pipeline=_job().pipeline, stage_index=1, output_dir="/nonexistent", inputs={"init": str(tmp_path / "warm")})
+    model_config = {"num_classes": C, **multi_head_config("small_segnet", {"width": 8}, shared_blocks="N-1", branch="projection", projection_dim=8)}
+    student = multi_head_student(job, model_config)
     x = torch.randn(1, 3, 32, 32)
     with torch.no_grad():
         assert torch.allclose(student.eval()(x), warm.eval()(x), atol=1e-6)
@@ -109,6 +114,13 @@ def test_config_knobs_are_validated():
     with pytest.raises(Exception, match="alpha0"):
         _stage(alpha0=1.5)
     assert _stage(init_from="warmup").upstream() == {"init": "warmup"}
+    with pytest.raises(ValueError, match="r_l < r_h"):
+        _stage(r_l=5, r_h=5)
+
+
+def test_a_rank_window_without_room_is_refused_when_the_pipeline_loads():
+    with pytest.raises(ConfigError, match=r"stages\.u2pl.*r_l < r_h.*r_l=20, r_h=20"):
+        load_pipeline(REPO / "pipelines" / "u2pl.yaml", ["stages.u2pl.r_l=20", "stages.u2pl.r_h=20"])
 
 
 @pytest.mark.slow

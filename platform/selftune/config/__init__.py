@@ -9,8 +9,20 @@ from selftune.config.loader import (
     read_yaml,
     validate_pipeline,
 )
+from selftune.config.kinds import (
+    ARTIFACT_FOLDERS,
+    AUX_MODEL,
+    MODEL,
+    PSEUDO_LABELS,
+    SNAPSHOTS,
+    Reference,
+    StageKind,
+    register_stage,
+    registered_kinds,
+    stage_kind,
+)
 from selftune.config.schema import (
-    STAGE_CONFIGS,
+    PREVIOUS,
     DataConfig,
     ModelConfig,
     OptimizerConfig,
@@ -21,12 +33,12 @@ from selftune.config.schema import (
     StageConfig,
     SupervisedStage,
     TrainingStageConfig,
-    register_stage_config,
 )
 
 __all__ = [
-    "STAGE_CONFIGS", "DataConfig", "ModelConfig", "OptimizerConfig", "PipelineConfig", "PseudoLabelStage",
+    "ARTIFACT_FOLDERS", "AUX_MODEL", "MODEL", "PREVIOUS", "PSEUDO_LABELS", "SNAPSHOTS", "Reference", "StageKind",
+    "register_stage", "registered_kinds", "stage_kind", "DataConfig", "ModelConfig", "OptimizerConfig", "PipelineConfig", "PseudoLabelStage",
     "ResourcesConfig", "SelfTrainStage", "StageConfig", "SupervisedStage", "TrainingStageConfig",
     "flatten", "get_dotted", "load_pipeline", "parse_override", "pipeline_to_dict", "read_yaml",
-    "register_stage_config", "set_dotted", "validate_pipeline",
+    "set_dotted", "validate_pipeline",
 ]

@@ -13,19 +13,11 @@ from typing import Any, Iterable
 import yaml
 from pydantic import BaseModel, ValidationError
 
-from selftune.config.schema import (
-    STAGE_CONFIGS,
-    PipelineConfig,
-    PseudoLabelStage,
-    SelfTrainStage,
-    StageConfig,
-    TrainingStageConfig,
-)
+from selftune.config.kinds import NO_INPUT, REQUIRED, Reference, stage_kind
 from selftune.config.paths import deep_copy, set_dotted
 from selftune.config.rounds import expand_rounds
+from selftune.config.schema import PREVIOUS, PipelineConfig, StageConfig
 from selftune.errors import ConfigError
-
-PREVIOUS = "previous"  # init_from: previous = the closest earlier training stage
 
 
 def load_pipeline(path: str | Path, overrides: Iterable[str] = ()) -> PipelineConfig:
@@ -57,7 +49,7 @@ def validate_pipeline(raw: dict[str, Any], *, source: str, overrides: Iterable[s
     stages = raw.get("stages")
     if not isinstance(stages, list) or not stages:
         raise ConfigError(f"{source}: stages: must be a non-empty list of stages")
-    stages = expand_rounds(stages, source, STAGE_CONFIGS)
+    stages = expand_rounds(stages, source)
     raw["stages"] = [_validate_stage(stage, i, source) for i, stage in enumerate(stages)]
     try:
         pipeline = PipelineConfig.model_validate(raw)
@@ -82,12 +74,9 @@ def _validate_stage(raw_stage: Any, index: int, source: str) -> StageConfig:
     if not isinstance(raw_stage, dict):
         raise ConfigError(f"{source}: stages.{index}: must be a mapping with name and kind")
     label = str(raw_stage.get("name", index))
-    kind = raw_stage.get("kind")
-    if kind not in STAGE_CONFIGS:
-        kinds = ", ".join(sorted(STAGE_CONFIGS))
-        raise ConfigError(f"{source}: stages.{label}.kind: unknown stage kind {kind!r}; valid kinds are: {kinds}")
+    config = stage_kind(raw_stage.get("kind"), where=f"{source}: stages.{label}.kind").config
     try:
-        return STAGE_CONFIGS[kind].model_validate(raw_stage)
+        return config.model_validate(raw_stage)
     except ValidationError as error:
         raise ConfigError(_describe(error, source, raw_stage, prefix=f"stages.{label}")) from None
 
@@ -109,7 +98,7 @@ def _describe(error: ValidationError, source: str, raw: Any, prefix: str = "") -
 def _valid_keys(raw: Any, loc: list[str], prefix: str) -> str:
     model: type[BaseModel] | None = PipelineConfig
     if prefix.startswith("stages.") and isinstance(raw, dict):
-        model = STAGE_CONFIGS.get(raw.get("kind"))
+        model = stage_kind(raw.get("kind")).config
     for part in loc[:-1]:
         field = model.model_fields.get(part) if model else None
         annotation = field.annotation if field else None
@@ -118,38 +107,43 @@ def _valid_keys(raw: Any, loc: list[str], prefix: str) -> str:
 
 
 def resolve_references(pipeline: PipelineConfig, source: str) -> PipelineConfig:
-    """Check that stage names are unique and references point at earlier stages of the right kind;
-    fill ``None`` defaults with the closest earlier stage, so the resolved config says exactly
-    which artifact each stage reads."""
+    """Check that stage names are unique and that every reference field names an earlier stage
+    producing the artifact it reads; fill ``None`` defaults with the closest such stage, so the
+    resolved config says exactly which artifact each stage reads."""
+    every_name = [stage.name for stage in pipeline.stages]
     seen: list[StageConfig] = []
-    resolved: list[StageConfig] = []
     for stage in pipeline.stages:
         if any(other.name == stage.name for other in seen):
             raise ConfigError(f"{source}: stages.{stage.name}.name: stage names must be unique")
-        updates: dict[str, Any] = {}
-        if isinstance(stage, TrainingStageConfig) and stage.init_from is not None:
-            wanted = None if stage.init_from == PREVIOUS else stage.init_from
-            updates["init_from"] = _earlier(seen, wanted, TrainingStageConfig, f"stages.{stage.name}.init_from", source)
-        if isinstance(stage, PseudoLabelStage):
-            updates["model_from"] = _earlier(seen, stage.model_from, TrainingStageConfig, f"stages.{stage.name}.model_from", source)
-        if isinstance(stage, SelfTrainStage):
-            updates["pseudo_labels"] = _earlier(seen, stage.pseudo_labels, PseudoLabelStage, f"stages.{stage.name}.pseudo_labels", source)
-        stage = stage.model_copy(update=updates) if updates else stage
-        seen.append(stage)
-        resolved.append(stage)
-    return pipeline.model_copy(update={"stages": resolved})
+        updates = {
+            field: _resolve(seen, every_name, getattr(stage, field), reference, f"{source}: stages.{stage.name}.{field}")
+            for field, reference in stage.reference_fields().items()
+        }
+        seen.append(stage.model_copy(update=updates))
+    return pipeline.model_copy(update={"stages": seen})
 
 
-def _earlier(seen: list[StageConfig], name: str | None, kind: type, key: str, source: str) -> str:
-    candidates = [stage for stage in seen if isinstance(stage, kind)]
-    if name is None:
-        if not candidates:
-            raise ConfigError(f"{source}: {key}: needs an earlier stage that produces it, and there is none")
-        return candidates[-1].name
-    if name not in [stage.name for stage in candidates]:
-        valid = ", ".join(stage.name for stage in candidates) or "(none)"
-        raise ConfigError(f"{source}: {key}: {name!r} is not an earlier stage of a fitting kind; valid: {valid}")
+def _resolve(seen: list[StageConfig], every_name: list[str], name: str | None, reference: Reference, where: str) -> str | None:
+    producers = [stage.name for stage in seen if reference.artifact in stage.produces]
+    if name is None and reference.when_missing == NO_INPUT:
+        return None
+    if name is None and reference.when_missing == REQUIRED:
+        raise ConfigError(f"{where}: required: name an earlier stage that produces {reference.artifact}; valid: {_names(producers)}")
+    if name is None or name == PREVIOUS:
+        if not producers:
+            raise ConfigError(f"{where}: needs an earlier stage that produces {reference.artifact}, and there is none")
+        return producers[-1]
+    if name not in producers:
+        if name in every_name and name not in [stage.name for stage in seen]:
+            raise ConfigError(f"{where}: {name!r} comes later in the pipeline; a stage reads only earlier stages: {_names(producers)}")
+        if name not in every_name:
+            raise ConfigError(f"{where}: {name!r} is not a stage of this pipeline; stages that produce {reference.artifact} before it: {_names(producers)}")
+        raise ConfigError(f"{where}: {name!r} is not an earlier stage that produces {reference.artifact}; valid: {_names(producers)}")
     return name
+
+
+def _names(names: list[str]) -> str:
+    return ", ".join(names) or "(none)"
 
 
 def pipeline_to_dict(pipeline: PipelineConfig) -> dict[str, Any]:

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from selftune.config.kinds import registered_kinds
 from selftune.config.paths import set_dotted
 from selftune.errors import ConfigError
 from selftune.schedules import schedule_value, validate_schedule
@@ -31,18 +32,18 @@ GROUP_KIND = "rounds"
 GROUP_KEYS = {"name", "kind", "rounds", "schedules", "stages"}
 
 
-def expand_rounds(stages: list[Any], source: str, stage_configs: dict[str, type]) -> list[Any]:
+def expand_rounds(stages: list[Any], source: str) -> list[Any]:
     """Replace every ``kind: rounds`` group by its stages repeated ``rounds`` times."""
     expanded: list[Any] = []
     for stage in stages:
         if isinstance(stage, dict) and stage.get("kind") == GROUP_KIND:
-            expanded.extend(_expand_group(stage, source, stage_configs))
+            expanded.extend(_expand_group(stage, source))
         else:
             expanded.append(stage)
     return expanded
 
 
-def _expand_group(group: dict[str, Any], source: str, stage_configs: dict[str, type]) -> list[dict[str, Any]]:
+def _expand_group(group: dict[str, Any], source: str) -> list[dict[str, Any]]:
     name = group.get("name")
     where = f"stages.{name}"
     unknown = set(group) - GROUP_KEYS
@@ -63,7 +64,7 @@ def _expand_group(group: dict[str, Any], source: str, stage_configs: dict[str, t
     out = []
     for round_index in range(1, rounds + 1):
         for stage in inner:
-            out.append(_round_stage(stage, name, round_index, rounds, inner_names, schedules, source, stage_configs))
+            out.append(_round_stage(stage, name, round_index, rounds, inner_names, schedules, source))
     return out
 
 
@@ -82,7 +83,7 @@ def _schedule_leaves(node: Any, where: str, source: str, prefix: str = "") -> di
     return leaves
 
 
-def _round_stage(stage, group, round_index, rounds, inner_names, schedules, source, stage_configs) -> dict[str, Any]:
+def _round_stage(stage, group, round_index, rounds, inner_names, schedules, source) -> dict[str, Any]:
     copy = {key: _copy(value) for key, value in stage.items()}
     prefix = f"{group}-r{round_index}-"
     copy.update(name=prefix + stage["name"], group=group, round=round_index)
@@ -90,11 +91,16 @@ def _round_stage(stage, group, round_index, rounds, inner_names, schedules, sour
         inner, _, dotted = key.partition(".")
         if inner == stage["name"]:
             set_dotted(copy, dotted, schedule_value(spec, round_index - 1, rounds), source)
-    model = stage_configs.get(stage.get("kind"))
-    for field in getattr(model, "reference_fields", ()):
+    for field in _reference_field_names(stage.get("kind")):
         if copy.get(field) in inner_names:
             copy[field] = prefix + copy[field]
     return copy
+
+
+def _reference_field_names(kind: Any) -> list[str]:
+    """The kind's reference fields; none for an unknown kind (its validation reports it)."""
+    known = {k.name: k.config for k in registered_kinds()}
+    return list(known[kind].reference_fields()) if kind in known else []
 
 
 def _copy(value: Any) -> Any:

@@ -1,15 +1,18 @@
 """Typed pipeline configuration.
 
 A pipeline YAML is validated against these models (``extra="forbid"``, so a misspelt key is an
-error, not a silent default). Stage kinds are a discriminated union on ``kind``. Methods add their
-own stage kinds by registering a model with ``register_stage_config``.
+error, not a silent default). Each stage is validated against the config class its ``kind``
+registered (``selftune.config.kinds``); methods add their own kinds in ``selftune/stages/``.
 """
 
 from __future__ import annotations
 
-from typing import Annotated, Any, ClassVar, Literal, Union
+from typing import Annotated, Any, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from selftune.config.kinds import CLOSEST, MODEL, NO_INPUT, PSEUDO_LABELS, Reference
+from selftune.config.kinds import reference_fields as _reference_fields
 
 Fraction01 = Annotated[float, Field(ge=0.0, le=1.0)]
 
@@ -67,32 +70,47 @@ class StageConfig(StrictModel):
     """Fields every stage kind has. ``group``/``round`` are filled when a ``rounds`` group is
     expanded (see ``selftune.config.rounds``)."""
 
-    # Fields that name an earlier stage (renamed per round when a group is expanded).
-    reference_fields: ClassVar[tuple[str, ...]] = ()
+    produces: ClassVar[frozenset[str]] = frozenset()  # the artifacts this kind writes (config.kinds)
+    needs_unlabelled: ClassVar[bool] = False  # refused at load when the split leaves no unlabelled image
 
     name: str = Field(pattern=r"^[A-Za-z0-9_-]+$")
     kind: str
     group: str | None = None
     round: int | None = Field(None, ge=1)
 
+    @classmethod
+    def reference_fields(cls) -> dict[str, Reference]:
+        """The fields that name an earlier stage (renamed per round when a group is expanded)."""
+        return _reference_fields(cls)
+
     def upstream(self) -> dict[str, str]:
-        """Inputs this stage reads from earlier stages: ``{role: stage name}``."""
-        return {}
+        """Inputs this stage reads from earlier stages: ``{role: stage name}`` (after resolution)."""
+        return {
+            reference.role: getattr(self, name)
+            for name, reference in self.reference_fields().items()
+            if getattr(self, name) is not None
+        }
+
+
+PREVIOUS = "previous"  # init_from: previous = the closest earlier training stage
+
+# Reference fields shared by several kinds.
+InitFrom = Annotated[str | None, Reference("init", MODEL, when_missing=NO_INPUT)]
+ModelFrom = Annotated[str | None, Reference("model", MODEL, when_missing=CLOSEST)]
+PseudoLabelsFrom = Annotated[str | None, Reference("pseudo_labels", PSEUDO_LABELS, when_missing=CLOSEST)]
 
 
 class TrainingStageConfig(StageConfig):
-    """Fields of every stage that trains a model."""
+    """Fields of every stage that trains a segmentation network."""
 
-    reference_fields: ClassVar[tuple[str, ...]] = ("init_from",)
+    produces: ClassVar[frozenset[str]] = frozenset({MODEL})
 
     epochs: int = Field(10, ge=1)
     steps_per_epoch: int | None = Field(None, ge=1)  # None: one pass over the stage's main training set
     batch_size: int = Field(16, ge=1)  # labelled images per step
     optimizer: OptimizerConfig = OptimizerConfig()
-    init_from: str | None = None  # fine-tune from this earlier stage's best checkpoint ("previous": the closest); None: fresh
-
-    def upstream(self) -> dict[str, str]:
-        return {"init": self.init_from} if self.init_from else {}
+    # Fine-tune from this earlier stage's best checkpoint ("previous": the closest); None: fresh weights.
+    init_from: InitFrom = None
 
 
 class SupervisedStage(TrainingStageConfig):
@@ -104,50 +122,24 @@ class SupervisedStage(TrainingStageConfig):
 class PseudoLabelStage(StageConfig):
     """A trained model labels the unlabelled images: argmax, then pixels below ``threshold`` become 255."""
 
-    reference_fields: ClassVar[tuple[str, ...]] = ("model_from",)
+    produces: ClassVar[frozenset[str]] = frozenset({PSEUDO_LABELS})
+    needs_unlabelled: ClassVar[bool] = True
 
     kind: Literal["pseudo_label"] = "pseudo_label"
-    model_from: str | None = None  # None: the closest earlier training stage
+    model_from: ModelFrom = None  # None: the closest earlier training stage
     threshold: Fraction01 | None = None  # keep pixels whose max softmax probability is >= threshold
-
-    def upstream(self) -> dict[str, str]:
-        return {"model": self.model_from} if self.model_from else {}
 
 
 class SelfTrainStage(TrainingStageConfig):
-    """Labelled CE + ``pseudo_weight`` * CE on pseudo-labelled images (pixels labelled 255 ignored)."""
+    """Labelled CE + ``pseudo_weight`` * CE on pseudo-labelled images (pixels labelled 255 ignored);
+    each term is the mean over its own kept pixels."""
 
-    reference_fields: ClassVar[tuple[str, ...]] = ("init_from", "pseudo_labels")
+    needs_unlabelled: ClassVar[bool] = True
 
     kind: Literal["self_train"] = "self_train"
-    pseudo_labels: str | None = None  # None: the closest earlier pseudo_label stage
+    pseudo_labels: PseudoLabelsFrom = None  # None: the closest earlier pseudo-labelling stage
     unlabelled_batch_size: int = Field(16, ge=1)  # pseudo-labelled images per step
     pseudo_weight: float = Field(1.0, ge=0)
-    # DST-CBC eqs. 1-2: pseudo-labelled pixels weigh p_cur[label]^gamma (labelled pixels 1), the
-    # sum normalised by all non-ignored pixels of the batch; 0: plain CE per term (the default).
-    gamma: float = Field(0.0, ge=0)
-
-    def upstream(self) -> dict[str, str]:
-        inputs = super().upstream()
-        if self.pseudo_labels:
-            inputs["pseudo_labels"] = self.pseudo_labels
-        return inputs
-
-
-STAGE_CONFIGS: dict[str, type[StageConfig]] = {
-    "supervised": SupervisedStage,
-    "pseudo_label": PseudoLabelStage,
-    "self_train": SelfTrainStage,
-}
-
-
-def register_stage_config(model: type[StageConfig]) -> type[StageConfig]:
-    """Add a stage kind; its ``kind`` field must be a ``Literal`` of one string."""
-    kind = model.model_fields["kind"].default
-    if kind in STAGE_CONFIGS:
-        raise ValueError(f"stage kind {kind!r} is registered twice")
-    STAGE_CONFIGS[kind] = model
-    return model
 
 
 class PipelineConfig(StrictModel):
@@ -168,6 +160,3 @@ class PipelineConfig(StrictModel):
 
     def stage_index(self, name: str) -> int:
         return [stage.name for stage in self.stages].index(name)
-
-
-StageUnion = Union[SupervisedStage, PseudoLabelStage, SelfTrainStage]

@@ -7,6 +7,7 @@ subset of its train split; ``SegmentationDataset`` + ``make_loader`` turn sample
 
 from __future__ import annotations
 
+from selftune.data.batches import TwoStreamBatch, two_streams
 from selftune.data.dataset import SegmentationDataset
 from selftune.data.index import IGNORE_INDEX, DatasetIndex, Sample
 from selftune.data.io import read_image, read_mask
@@ -45,5 +46,7 @@ __all__ = [
     "SAUG_OPS",
     "saug_augmentation",
     "st_plus_plus_augmentation",
+    "TwoStreamBatch",
+    "two_streams",
     "weak_augmentation",
 ]

@@ -1,2 +1,2 @@
-"""The engine: the Ray-free training core (``loop``), the worker context, Ray Train at the edge
-(``ray_train``) and the driver that runs a pipeline's stages in order (``pipeline``)."""
+"""The engine: the Ray-free training core (``loop``: ``fit`` with hooks), the worker context, the
+Ray instance (``cluster``) and Ray Train at the edge (``ray_train``). It knows nothing of stages."""

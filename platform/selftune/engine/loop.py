@@ -1,14 +1,29 @@
-"""The training core, free of Ray: optimizer and LR schedule, the step loop, evaluation.
+"""The training core, free of Ray: optimizer and LR schedule, the step loop with hooks, evaluation.
 
-A stage supplies ``compute_losses(model, batch) -> {term: weighted loss}``; the loop sums the
+A stage supplies ``compute_losses(model, batch, state) -> {term: weighted loss}``; ``fit`` sums the
 terms, steps the optimizer and keeps per-term means on the device (one host sync per epoch, not
-per step, so the loop does not stall the GPU).
+per step, so the loop does not stall the GPU). Everything else a stage needs around the steps —
+EMA teachers, evaluation, best-checkpoint keeping, snapshots, logging, reporting — is a ``Hook``.
+
+Hook call order (hooks are called in the order of the list given to ``fit``)::
+
+    before_train
+    for epoch in 1..epochs:            state.epoch = epoch
+        before_epoch
+        for each step:
+            before_step
+            forward (compute_losses), backward, optimizer step, LR schedule step
+            after_step                 state.step = steps done so far
+        after_epoch                    state.losses: the epoch's loss means; state.metrics: train/*,
+                                       plus what earlier hooks added this epoch
+    after_train
 """
 
 from __future__ import annotations
 
 import math
-from typing import Callable, Iterator, Mapping
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterator, Mapping, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -20,8 +35,41 @@ from selftune.engine.context import WorkerContext
 from selftune.errors import SelftuneError
 from selftune.metrics import ConfusionMatrix
 
-Batch = Mapping[str, torch.Tensor]
-LossFn = Callable[[nn.Module, Batch], dict[str, torch.Tensor]]
+Batch = Any  # a mapping of tensors, or a TwoStreamBatch (selftune.data.batches)
+LossFn = Callable[[nn.Module, Batch, "TrainState"], dict[str, torch.Tensor]]
+
+
+@dataclass
+class TrainState:
+    """Where training is: what ``compute_losses`` and hooks read instead of counting calls."""
+
+    epochs: int
+    steps_per_epoch: int
+    epoch: int = 0  # the epoch being trained, 1-based (0 before training)
+    step: int = 0  # optimisation steps done so far, over all epochs
+    losses: dict[str, float] = field(default_factory=dict)  # the last epoch's loss means
+    metrics: dict[str, float] = field(default_factory=dict)  # the last epoch's metrics (hooks add to it)
+
+    @property
+    def epoch_index(self) -> int:
+        """0-based epoch, for schedules over epochs."""
+        return max(self.epoch - 1, 0)
+
+
+class Hook:
+    """Something done around the steps; every method is a no-op unless overridden."""
+
+    def before_train(self, state: TrainState, model: nn.Module) -> None: ...
+
+    def before_epoch(self, state: TrainState, model: nn.Module) -> None: ...
+
+    def before_step(self, state: TrainState, model: nn.Module) -> None: ...
+
+    def after_step(self, state: TrainState, model: nn.Module) -> None: ...
+
+    def after_epoch(self, state: TrainState, model: nn.Module) -> None: ...
+
+    def after_train(self, state: TrainState, model: nn.Module) -> None: ...
 
 
 class TrainingDiverged(SelftuneError, RuntimeError):
@@ -57,8 +105,50 @@ def unwrap(model: nn.Module) -> nn.Module:
     return model.module if isinstance(model, DistributedDataParallel) else model
 
 
-def to_device(batch: Batch, device: torch.device) -> dict[str, torch.Tensor]:
+def to_device(batch: Batch, device: torch.device) -> Batch:
+    """The batch's tensors on ``device`` (a batch object with its own ``to`` moves itself)."""
+    if hasattr(batch, "to") and not isinstance(batch, (Mapping, torch.Tensor)):
+        return batch.to(device)
     return {k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+
+
+def fit(
+    model: nn.Module,
+    batches: Iterator[Batch],
+    *,
+    epochs: int,
+    steps_per_epoch: int,
+    compute_losses: LossFn,
+    optimizer: OptimizerConfig,
+    ctx: WorkerContext,
+    hooks: Sequence[Hook] = (),
+) -> TrainState:
+    """Train ``model`` (moved to the device, DDP-wrapped with several workers) for ``epochs`` ×
+    ``steps_per_epoch`` steps with an optimizer and LR schedule built from ``optimizer``; return the
+    final state. Hooks see the wrapped network."""
+    network = wrap_for_training(model, ctx)
+    torch_optimizer = make_optimizer(network, optimizer)
+    lr_schedule = make_lr_schedule(torch_optimizer, optimizer, epochs * steps_per_epoch)
+    scaler = torch.amp.GradScaler("cuda") if ctx.device.type == "cuda" and ctx.precision == "fp16" else None
+    state = TrainState(epochs=epochs, steps_per_epoch=steps_per_epoch)
+    _call(hooks, "before_train", state, network)
+    for epoch in range(1, epochs + 1):
+        state.epoch = epoch
+        state.metrics = {}
+        _call(hooks, "before_epoch", state, network)
+        state.losses = train_steps(
+            network, batches, steps=steps_per_epoch, compute_losses=compute_losses, optimizer=torch_optimizer,
+            lr_schedule=lr_schedule, ctx=ctx, scaler=scaler, state=state, hooks=hooks,
+        )
+        state.metrics = {f"train/{k}" if k == "loss" else f"train/loss_{k}": v for k, v in state.losses.items()}
+        _call(hooks, "after_epoch", state, network)
+    _call(hooks, "after_train", state, network)
+    return state
+
+
+def _call(hooks: Sequence[Hook], name: str, state: TrainState, model: nn.Module) -> None:
+    for hook in hooks:
+        getattr(hook, name)(state, model)
 
 
 def train_steps(
@@ -71,14 +161,18 @@ def train_steps(
     lr_schedule,
     ctx: WorkerContext,
     scaler: torch.amp.GradScaler | None = None,
+    state: TrainState | None = None,
+    hooks: Sequence[Hook] = (),
 ) -> dict[str, float]:
     """Run ``steps`` optimisation steps; return the mean of each loss term and of their sum (``loss``)."""
+    state = state or TrainState(epochs=1, steps_per_epoch=steps, epoch=1)
     model.train()
     totals: dict[str, torch.Tensor] = {}
     for _ in range(steps):
+        _call(hooks, "before_step", state, model)
         batch = to_device(next(batches), ctx.device)
         with ctx.autocast():
-            terms = compute_losses(model, batch)
+            terms = compute_losses(model, batch, state)
         loss = sum(terms.values())
         optimizer.zero_grad(set_to_none=True)
         if scaler is not None:
@@ -89,6 +183,8 @@ def train_steps(
             loss.backward()
             optimizer.step()
         lr_schedule.step()
+        state.step += 1
+        _call(hooks, "after_step", state, model)
         for name, value in {"loss": loss, **terms}.items():
             totals[name] = totals.get(name, 0.0) + value.detach().float()
     means = {name: (total / steps).item() for name, total in totals.items()}
@@ -118,13 +214,3 @@ def evaluate(model: nn.Module, loader, num_classes: int, ctx: WorkerContext) -> 
         confusion.update(logits.argmax(1), batch["mask"])
     confusion.all_reduce()
     return confusion
-
-
-def cycle(loader) -> Iterator[Batch]:
-    """Endless batches; a DistributedSampler gets a new epoch (and shuffle) on every pass."""
-    epoch = 0
-    while True:
-        if hasattr(loader.sampler, "set_epoch"):
-            loader.sampler.set_epoch(epoch)
-        yield from loader
-        epoch += 1

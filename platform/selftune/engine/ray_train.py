@@ -2,26 +2,38 @@
 
 ``workers: 0`` is Ray Train's local mode (the function runs in this process, ~0.1 s overhead: the
 CPU default); ``workers: N`` starts N DDP workers (gloo on CPU, NCCL with ``use_gpu``). The same
-per-worker function serves both; it turns Ray's context into a ``WorkerContext`` and calls the
-stage function registered for the stage's kind.
+per-worker function serves both: it turns Ray's context into a ``WorkerContext`` and calls the
+function it was given, ``work(payload, ctx)``. This module knows nothing of stages: the runner
+(``selftune.runner``) hands it the stage function and the stage's job as the payload.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
+from selftune import tracking
 from selftune.config import ResourcesConfig
 from selftune.engine.cluster import ensure_ray
 from selftune.engine.context import WorkerContext
 from selftune.errors import SelftuneError
-from selftune.stages import StageJob, stage_function
-from selftune import tracking
 from selftune.tracking import NullTracker, RunTracker
 
 
-def run_stage(job: StageJob, resources: ResourcesConfig, *, storage_path: str | Path) -> dict[str, Any]:
-    """Run ``job`` through Ray Train and return the summary its rank-0 worker wrote."""
+@dataclass(frozen=True)
+class WorkOrder:
+    """What every worker runs: ``work(payload, ctx)``, with rank 0 logging to ``run_id``."""
+
+    work: Callable[[Any, WorkerContext], Any]  # a module-level function (pickled by reference)
+    payload: Any
+    output_dir: str  # where rank 0 leaves what it could not log (tracking.NOT_LOGGED)
+    tracking_uri: str | None = None
+    run_id: str | None = None
+
+
+def run_on_ray_train(order: WorkOrder, resources: ResourcesConfig, *, name: str, storage_path: str | Path) -> None:
+    """Run ``order`` on every worker of one ``TorchTrainer.fit()``; a worker's exception is re-raised."""
     import ray.train
     from ray.train.torch import TorchTrainer
 
@@ -29,23 +41,19 @@ def run_stage(job: StageJob, resources: ResourcesConfig, *, storage_path: str | 
         ensure_ray()
     trainer = TorchTrainer(
         train_loop_per_worker,
-        train_loop_config={"job": job, "precision": resources.precision},
+        train_loop_config={"order": order, "precision": resources.precision},
         scaling_config=ray.train.ScalingConfig(
             num_workers=resources.workers,
             use_gpu=resources.use_gpu,
             resources_per_worker={"CPU": resources.cpus_per_worker, **({"GPU": 1} if resources.use_gpu else {})},
         ),
-        run_config=ray.train.RunConfig(
-            # Deterministic name: re-running the same stage folder resumes rather than duplicates.
-            name=f"{Path(job.output_dir).name}",
-            storage_path=str(Path(storage_path).resolve()),
-        ),
+        # Deterministic name: re-running the same stage folder resumes rather than duplicates.
+        run_config=ray.train.RunConfig(name=name, storage_path=str(Path(storage_path).resolve())),
     )
     try:
         trainer.fit()
     except Exception as error:
         raise unwrap_worker_error(error) from None
-    return job.read_summary()
 
 
 def train_loop_per_worker(config: dict[str, Any]) -> None:
@@ -53,12 +61,10 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     import ray.train
     import ray.train.torch
 
-    import selftune.stages  # noqa: F401  (registers every stage kind in a fresh worker process)
-
-    job: StageJob = config["job"]
+    order: WorkOrder = config["order"]
     ray_context = ray.train.get_context()
     rank, world_size = ray_context.get_world_rank(), ray_context.get_world_size()
-    tracker = RunTracker(job.tracking_uri, job.run_id) if rank == 0 and job.run_id else NullTracker()
+    tracker = RunTracker(order.tracking_uri, order.run_id) if rank == 0 and order.run_id else NullTracker()
     device = ray.train.torch.get_device()
     ctx = WorkerContext(
         rank=rank, world_size=world_size, device=device, tracker=tracker,
@@ -67,10 +73,10 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     )
     mark = len(tracking.not_logged())
     try:
-        stage_function(job.stage.kind)(job, ctx)
+        order.work(order.payload, ctx)
     finally:  # what this worker could not log goes to the stage folder; the stage's starter absorbs it
         if rank == 0 and len(tracking.not_logged()) > mark:
-            tracking.write_not_logged(job.output(tracking.NOT_LOGGED), tracking.take_not_logged(mark))
+            tracking.write_not_logged(Path(order.output_dir) / tracking.NOT_LOGGED, tracking.take_not_logged(mark))
 
 
 def unwrap_worker_error(error: BaseException) -> BaseException:

@@ -18,13 +18,14 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from selftune.methods.common import IGNORE_INDEX
+from selftune.methods.common import IGNORE_INDEX, masked_cross_entropy
 
 __all__ = [
     "class_balanced_pseudo_labels",
     "class_balanced_thresholds",
     "class_balanced_thresholds_reference",
     "dynamic_self_training_loss",
+    "dynamic_self_training_terms",
     "dynamic_weights",
 ]
 
@@ -95,6 +96,28 @@ def dynamic_self_training_loss(
         weights = torch.where(dynamic, weights, torch.ones_like(weights))
     cross_entropy = -log_p * valid  # (B, H, W), 0 at ignored pixels
     return (weights * cross_entropy).sum() / count
+
+
+def dynamic_self_training_terms(
+    logits: torch.Tensor, targets: torch.Tensor, n_labelled: int, gamma: float, ignore_index: int = IGNORE_INDEX,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The two terms of the authors' loss on one batch of labelled then pseudo-labelled images.
+
+    logits: (B, C, H, W); targets: (B, H, W), ground truth for the first ``n_labelled`` images,
+    pseudo labels for the rest. Returns ``(seg, pseudo)``: the labelled CE and the dynamically
+    weighted pseudo-label CE, both over the one shared denominator of the authors' ``DynamicLoss``
+    (the non-ignored pixels of the whole batch), so ``seg + pseudo`` equals
+    ``dynamic_self_training_loss(logits, targets, gamma, weight_mask=arange(B) >= n_labelled)``
+    while each term can be logged. Each part is computed as its own masked mean and rescaled to the
+    shared denominator (the order of operations the pipelines' results were measured with).
+    """
+    n = n_labelled
+    count_l = (targets[:n] != ignore_index).sum()
+    count_u = (targets[n:] != ignore_index).sum()
+    total = (count_l + count_u).clamp(min=1)
+    seg = masked_cross_entropy(logits[:n], targets[:n], ignore_index) * (count_l.clamp(min=1) / total)
+    pseudo = dynamic_self_training_loss(logits[n:], targets[n:], gamma, ignore_index) * (count_u.clamp(min=1) / total)
+    return seg, pseudo
 
 
 def _broadcast_mask(mask: torch.Tensor, shape: torch.Size) -> torch.Tensor:

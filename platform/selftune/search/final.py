@@ -22,12 +22,12 @@ from typing import Any, Callable
 import yaml
 
 from selftune.config import load_pipeline, read_yaml, set_dotted
-from selftune.engine.pipeline import PipelineResult, run_pipeline
+from selftune.runner import PipelineResult, run_pipeline
 from selftune.errors import ConfigError
 from selftune.report import print_stage_table, stage_header
 from selftune.search.space import load_search_space
 from selftune.search.summary import find_search_run
-from selftune.stages.job import CHECKPOINT
+from selftune.stages import CHECKPOINT
 from selftune.tracking import RunTracker, client
 
 KIND_FINAL = "final"

@@ -1,4 +1,5 @@
-"""One Tune trial: run the pipeline with the sampled values, stage by stage, through the stage cache.
+"""One Tune trial: the stage runner (``selftune.runner``) over the pipeline with the sampled values,
+the stage cache as its store, and a Tune report after every stage.
 
 The trial function is the Ray 2.60 pattern (a plain function that fits a ``TorchTrainer`` per
 stage and calls ``ray.tune.report`` after each). Two details keep it cheap on small machines:
@@ -25,17 +26,9 @@ from typing import Any
 import yaml
 
 from selftune.config import PipelineConfig, ResourcesConfig, pipeline_to_dict
-from selftune.engine.pipeline import (
-    StageResult,
-    pipeline_metrics,
-    record_reused_stage,
-    round_metrics,
-    run_tracked_stage,
-    terminates,
-)
-from selftune.search.cache import StageCache, stage_key
+from selftune.runner import StageCache, StageResult, Tracking, in_process, run_stages, terminates
 from selftune.search.space import SearchSpace
-from selftune.stages import ARTIFACT_OF_ROLE, StageJob
+from selftune.stages import StageJob
 from selftune.tracking import RunTracker, attempt, client, create_run, not_logged, take_not_logged, write_not_logged
 
 KIND_TRIAL = "trial"
@@ -82,79 +75,61 @@ def run_trial(config: dict[str, Any], context: TrialContext) -> None:
 
 
 def _run_stages(config: dict[str, Any], context: TrialContext, trial_id: str, pipeline: PipelineConfig, done: int) -> None:
-    import ray.tune
-
     space = context.space
     trial_run_id = _trial_run(context, trial_id, config, pipeline)
     tracker = RunTracker(context.tracking_uri, trial_run_id)
     # Without the shared cache a trial still caches for itself, so a resumed trial skips its done stages.
     cache = StageCache(context.cache_root if space.config.stage_cache else Path(context.cache_root) / trial_id)
-    keys: dict[str, str] = {}
-    folders: dict[str, Path] = {}
-    latest_val: float | None = None
-    hits = 0
+
+    def report(result: StageResult, results: list[StageResult]) -> None:
+        report_stage(result, results, pipeline, space.config.objective.metric, tracker, trial_run_id)
+
     with terminates(context.tracking_uri, trial_run_id):
-        for index, stage in enumerate(pipeline.stages):
-            upstream = {role: keys[name] for role, name in stage.upstream().items()}
-            keys[stage.name] = key = stage_key(pipeline, index, upstream)
-            job_inputs = {role: str(folders[name] / ARTIFACT_OF_ROLE[role]) for role, name in stage.upstream().items()}
-            with cache.claim(stage.name, key) as (entry, hit):
-                folders[stage.name] = entry.folder
-                job = StageJob(pipeline=pipeline, stage_index=index, output_dir=str(entry.folder), inputs=job_inputs,
-                               tracking_uri=context.tracking_uri)
-                if index < done:
-                    if not hit:  # resumed, but the cache lost this stage: recompute it
-                        result = _compute(job, context, trial_run_id, pipeline.resources, key, trial_id)
-                    else:
-                        result = StageResult(stage.name, stage.kind, str(entry.folder), "", 0.0, job.read_summary())
-                elif hit:
-                    hits += 1
-                    result = record_reused_stage(job, context.experiment_id, trial_run_id,
-                                                 tags={"selftune.cache": "hit", "selftune.cache_key": key, "selftune.trial_id": trial_id})
-                else:
-                    result = _compute(job, context, trial_run_id, pipeline.resources, key, trial_id)
-            if "val/miou" in result.summary:
-                latest_val = result.summary["val/miou"]
-            if index < done:
-                continue
-            tracker.log_metrics(pipeline_metrics(result), step=index)
-            if stage.group:
-                tracker.log_metrics(round_metrics(stage, result), step=stage.round)
-            value = objective_value(space.config.objective.metric, result, latest_val)
-            metrics = {
-                STAGE: index + 1, "stages_total": len(pipeline.stages), "cache_hits": hits, "cache_hit": int(hit),
-                "trial_run_id": trial_run_id or "",
-                **{f"{stage.name}/{k}": v for k, v in result.summary.items() if isinstance(v, (int, float))},
-            }
-            tracker.log_metrics({"cache_hits": hits}, step=index)
-            if value is not None and math.isfinite(value):
-                metrics[OBJECTIVE] = value
-                tracker.log_metrics({OBJECTIVE: value}, step=index)
-            if index == len(pipeline.stages) - 1 and latest_val is not None:
-                tracker.log_metrics({"val/miou": latest_val})
-            with tempfile.TemporaryDirectory() as tmp:
-                (Path(tmp) / "state.json").write_text(json.dumps({"stages_done": index + 1}))
-                ray.tune.report(metrics, checkpoint=ray.tune.Checkpoint.from_directory(tmp))
+        run_stages(
+            pipeline, store=cache, execute=lambda job: execute_stage(job, pipeline.resources),
+            tracking=Tracking(context.tracking_uri, context.experiment_id, trial_run_id, tags={"selftune.trial_id": trial_id}),
+            done=done, on_stage_end=report,
+        )
 
 
-def _compute(job: StageJob, context: TrialContext, trial_run_id: str, resources: ResourcesConfig, key: str, trial_id: str = "") -> StageResult:
-    tags = {"selftune.cache": "miss", "selftune.cache_key": key, "selftune.trial_id": trial_id}
-    return run_tracked_stage(job, context.experiment_id, trial_run_id, lambda j: execute_stage(j, resources), tags=tags)
+def report_stage(
+    result: StageResult, results: list[StageResult], pipeline: PipelineConfig, objective: str,
+    tracker: RunTracker, trial_run_id: str | None,
+) -> None:
+    """After a stage: the trial run's metrics and the Tune report (ASHA's rung, the objective)."""
+    import ray.tune
+
+    index = result.index
+    vals = [r.summary["val/miou"] for r in results if "val/miou" in r.summary]
+    latest_val = vals[-1] if vals else None
+    hits = sum(r.hit and not r.resumed for r in results)  # reuses this session made
+    value = objective_value(objective, result, latest_val)
+    metrics = {
+        STAGE: index + 1, "stages_total": len(pipeline.stages), "cache_hits": hits, "cache_hit": int(result.hit),
+        "trial_run_id": trial_run_id or "",
+        **{f"{result.name}/{k}": v for k, v in result.summary.items() if isinstance(v, (int, float))},
+    }
+    tracker.log_metrics({"cache_hits": hits}, step=index)
+    if value is not None and math.isfinite(value):
+        metrics[OBJECTIVE] = value
+        tracker.log_metrics({OBJECTIVE: value}, step=index)
+    if index == len(pipeline.stages) - 1 and latest_val is not None:
+        tracker.log_metrics({"val/miou": latest_val})
+    with tempfile.TemporaryDirectory() as tmp:
+        (Path(tmp) / "state.json").write_text(json.dumps({"stages_done": index + 1}))
+        ray.tune.report(metrics, checkpoint=ray.tune.Checkpoint.from_directory(tmp))
 
 
-def execute_stage(job: StageJob, resources: ResourcesConfig) -> dict[str, Any]:
+def execute_stage(job: StageJob, resources: ResourcesConfig) -> None:
     """Run a stage from inside a Tune trial: worker groups directly, local mode in a Ray task."""
     import ray
 
-    from selftune.engine.ray_train import run_stage
-
-    storage = Path(job.output_dir) / "ray"
     if resources.workers > 0:
-        return run_stage(job, resources, storage_path=storage)
+        return in_process(resources, storage=lambda j: Path(j.output_dir) / "ray")(job)
     # "DEFAULT": schedule on the cluster's CPUs, not inside the trial's placement group.
     options = {"num_cpus": local_stage_cpus(resources), "scheduling_strategy": "DEFAULT"}
     task = ray.remote(_run_local_stage).options(**options)
-    return ray.get(task.remote(job, resources, str(storage)))
+    ray.get(task.remote(job, resources))
 
 
 def local_stage_cpus(resources: ResourcesConfig) -> float:
@@ -164,13 +139,11 @@ def local_stage_cpus(resources: ResourcesConfig) -> float:
     return max(resources.cpus_per_worker - TRIAL_ACTOR_CPUS, resources.cpus_per_worker / 2)
 
 
-def _run_local_stage(job: StageJob, resources: ResourcesConfig, storage: str) -> dict[str, Any]:
+def _run_local_stage(job: StageJob, resources: ResourcesConfig) -> None:
     import torch
 
-    from selftune.engine.ray_train import run_stage
-
     torch.set_num_threads(max(1, int(resources.cpus_per_worker)))  # the task's CPU share, not the machine's
-    return run_stage(job, resources, storage_path=storage)
+    in_process(resources, storage=lambda j: Path(j.output_dir) / "ray")(job)
 
 
 def _stages_done(checkpoint) -> int:

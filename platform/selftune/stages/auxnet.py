@@ -11,26 +11,29 @@ accuracy at 0.5 and ROC AUC; the best-AUC weights go to ``checkpoint/auxnet.pt``
 and pixels whose auxiliary confidence is below ``t_aux`` become 255. Quality is logged as for
 every labelling stage.
 
-References: ``aux_confidence.model_from`` and ``confidence_label.aux_from`` must be given
-explicitly (the loader resolves only built-in reference fields); ``confidence_label.model_from``
-None means the closest earlier training stage (resolved by the loader, as for ``pseudo_label``).
+References: ``aux_confidence.model_from`` and ``confidence_label.aux_from`` must be named;
+``confidence_label.model_from`` None means the closest earlier training stage.
+
+Training the auxiliary network goes through the shared ``fit`` with its own evaluation (held-out
+correctness accuracy and AUC) and a ``KeepBest`` that ranks by ``aux/val_auc``.
 """
 
 from __future__ import annotations
 
 import json
-import time
 from pathlib import Path
-from typing import Any, ClassVar, Literal
+from typing import Annotated, Any, ClassVar, Literal
 
 import torch
 import torch.nn.functional as F
 from pydantic import Field, field_validator
 
-from selftune.config import OptimizerConfig, PseudoLabelStage, StageConfig, register_stage_config
+from selftune.config import AUX_MODEL, MODEL, OptimizerConfig, PseudoLabelStage, Reference, StageConfig, register_stage
+from selftune.config.kinds import REQUIRED
 from selftune.config.schema import Fraction01
+from selftune.data import cycle
 from selftune.engine.context import WorkerContext
-from selftune.engine.loop import Batch, cycle, make_lr_schedule, make_optimizer, to_device, train_steps, unwrap, wrap_for_training
+from selftune.engine.loop import Batch, Hook, TrainState, fit, to_device, unwrap
 from selftune.methods.auxnet import (
     AuxiliaryConfidenceNet,
     auxiliary_confidence_loss,
@@ -40,22 +43,22 @@ from selftune.methods.auxnet import (
 )
 from selftune.metrics.confusion import all_reduce_sum_
 from selftune.stages.data import StageData, evaluation_loader, prepare_data, training_loader
-from selftune.stages.dst_cbc import label_unlabelled, load_model
-from selftune.stages.job import CHECKPOINT, StageJob, register_stage
-from selftune.stages.training import steps_per_epoch
+from selftune.stages.job import CHECKPOINT, StageJob
+from selftune.stages.labelling import label_and_measure, load_model
+from selftune.stages.training import KeepBest, LogEpoch, ReportEpoch, steps_per_epoch
 
 AUX_WEIGHTS, AUX_CONFIG = "auxnet.pt", "auxnet.json"
 AUC_BINS = 1000  # sigmoid scores histogrammed per worker, summed, then the AUC
 
 
-@register_stage_config
 class AuxConfidenceStage(StageConfig):
     """Train the auxiliary confidence network on a frozen segmentation network's labelled predictions."""
 
-    reference_fields: ClassVar[tuple[str, ...]] = ("model_from",)
+    produces: ClassVar[frozenset[str]] = frozenset({AUX_MODEL})
 
     kind: Literal["aux_confidence"] = "aux_confidence"
-    model_from: str  # the (frozen) segmentation network's training stage; required
+    # The (frozen) segmentation network's training stage; required.
+    model_from: Annotated[str, Reference("model", MODEL, when_missing=REQUIRED)]
     epochs: int = Field(50, ge=1)  # paper: 50
     steps_per_epoch: int | None = Field(None, ge=1)  # None: one pass over the labelled images
     batch_size: int = Field(4, ge=1)  # paper: 4 (Cityscapes), 8 (CamVid)
@@ -66,18 +69,13 @@ class AuxConfidenceStage(StageConfig):
     aspp_channels: int = Field(32, ge=1)
     aspp_dilations: list[int] = Field([1, 2, 4, 8, 16], min_length=1)
 
-    def upstream(self) -> dict[str, str]:
-        return {"model": self.model_from}
 
-
-@register_stage_config
 class ConfidenceLabelStage(PseudoLabelStage):
     """Argmax labels of ``model_from``, kept where the auxiliary confidence ``>= t_aux``."""
 
-    reference_fields: ClassVar[tuple[str, ...]] = ("model_from", "aux_from")
-
     kind: Literal["confidence_label"] = "confidence_label"  # type: ignore[assignment]
-    aux_from: str  # the aux_confidence stage; required
+    # The aux_confidence stage; required.
+    aux_from: Annotated[str, Reference("aux_model", AUX_MODEL, when_missing=REQUIRED)]
     t_aux: Fraction01 = 0.9  # paper: best 0.9 (Table 3 sweeps 0 ... 0.9)
 
     @field_validator("threshold")
@@ -86,9 +84,6 @@ class ConfidenceLabelStage(PseudoLabelStage):
         if value is not None:
             raise ValueError("is not used by confidence_label; the auxiliary confidence threshold is t_aux")
         return value
-
-    def upstream(self) -> dict[str, str]:
-        return {**super().upstream(), "aux_model": self.aux_from}
 
 
 # --------------------------------------------------------------------------------------------
@@ -141,7 +136,7 @@ def labelled_statistics(
 
 
 def aux_loss_terms(seg: torch.nn.Module, ctx: WorkerContext, frequency: torch.Tensor, c: float, gamma: torch.Tensor | None):
-    def compute(aux: torch.nn.Module, batch: Batch) -> dict[str, torch.Tensor]:
+    def compute(aux: torch.nn.Module, batch: Batch, state=None) -> dict[str, torch.Tensor]:
         probs = _frozen_probs(seg, batch["image"], ctx)  # (B, C, H, W), no gradient into seg
         correct = correctness_target(probs.argmax(1), batch["mask"])  # (B, H, W) y of eq. 1
         logits = aux(probs)  # (B, 1, H, W)
@@ -177,7 +172,17 @@ def evaluate_aux(seg, aux, loader, ctx: WorkerContext) -> dict[str, float]:
     }
 
 
-@register_stage("aux_confidence")
+class EvaluateAux(Hook):
+    """Held-out correctness accuracy and AUC of the auxiliary network after each epoch."""
+
+    def __init__(self, seg: torch.nn.Module, loader, ctx: WorkerContext):
+        self.seg, self.loader, self.ctx = seg, loader, ctx
+
+    def after_epoch(self, state: TrainState, model: torch.nn.Module) -> None:
+        state.metrics.update(evaluate_aux(self.seg, model, self.loader, self.ctx))
+
+
+@register_stage(AuxConfidenceStage)
 def run_aux_confidence(job: StageJob, ctx: WorkerContext) -> dict[str, Any]:
     stage: AuxConfidenceStage = job.stage  # type: ignore[assignment]
     config = job.pipeline.data
@@ -190,40 +195,26 @@ def run_aux_confidence(job: StageJob, ctx: WorkerContext) -> dict[str, Any]:
     if stage.gamma_over == "labelled_set":  # ... or from the whole labelled set
         gamma = torch.where(correct > 0, (counts - correct).double() / correct.clamp(min=1), torch.zeros_like(frequency))
 
-    torch.manual_seed(job.seed + job.stage_index)  # same initial weights on every rank
+    torch.manual_seed(job.init_seed)  # same initial weights on every rank
     architecture = {
         "in_channels": data.num_classes, "channels": list(stage.channels),
         "aspp_channels": stage.aspp_channels, "aspp_dilations": list(stage.aspp_dilations),
     }
-    aux = wrap_for_training(AuxiliaryConfidenceNet(**architecture), ctx)
     steps = steps_per_epoch(stage.steps_per_epoch, len(data.labelled), stage.batch_size, ctx.world_size)
-    optimizer = make_optimizer(aux, stage.optimizer)
-    lr_schedule = make_lr_schedule(optimizer, stage.optimizer, stage.epochs * steps)
     batches = cycle(training_loader(data, data.labelled, config, ctx, batch_size=stage.batch_size, seed=job.seed))
-    val_loader = evaluation_loader(data, data.index.val, config, ctx)
-    compute = aux_loss_terms(seg, ctx, frequency, stage.c, gamma)
-
-    best: dict[str, Any] = {}
-    best_score = -float("inf")
     record = {"architecture": architecture, "segmentation_checkpoint": job.inputs["model"], "c": stage.c}
-    for epoch in range(1, stage.epochs + 1):
-        started = time.perf_counter()
-        losses = train_steps(aux, batches, steps=steps, compute_losses=compute, optimizer=optimizer,
-                             lr_schedule=lr_schedule, ctx=ctx)
-        metrics = {"aux/train_loss": losses["loss"], **evaluate_aux(seg, aux, val_loader, ctx)}
-        ctx.tracker.log_metrics(metrics, step=epoch)
-        auc = metrics["aux/val_auc"]
-        score = auc if auc == auc else -1.0  # NaN (val holds one class only) ranks below any AUC
-        if not best or score > best_score:
-            best, best_score = {**metrics, "aux/best_epoch": epoch}, score
-            if ctx.is_main:
-                save_aux(job.output(CHECKPOINT), aux, {**record, "epoch": epoch, "val_auc": auc})
-        ctx.report({"epoch": epoch, **metrics})
-        ctx.log(f"  [{stage.name}] epoch {epoch}/{stage.epochs}  loss {losses['loss']:.4f}  "
-                f"val correctness acc {metrics['aux/val_accuracy']:.4f}  AUC {auc:.4f}  ({time.perf_counter() - started:.1f}s)")
+    keep = KeepBest(
+        job.output(CHECKPOINT), {}, ctx, metric="aux/val_auc",
+        save=lambda folder, net, facts: save_aux(folder, net, {**record, "epoch": facts["epoch"], "val_auc": facts["aux_val_auc"]}),
+    )
+    hooks = [EvaluateAux(seg, evaluation_loader(data, data.index.val, config, ctx), ctx), keep,
+             LogEpoch(ctx, stage.name, shown="aux/val_auc"), ReportEpoch(ctx)]
+    fit(AuxiliaryConfidenceNet(**architecture), batches, epochs=stage.epochs, steps_per_epoch=steps,
+        compute_losses=aux_loss_terms(seg, ctx, frequency, stage.c, gamma), optimizer=stage.optimizer, ctx=ctx, hooks=hooks)
+    best = {k: v for k, v in keep.best_metrics.items() if k.startswith("aux/")}
+    best["aux/best_epoch"] = keep.best_epoch
     if ctx.is_main:
         ctx.tracker.log_metrics({k: v for k, v in best.items() if v == v}, step=stage.epochs)
-        job.write_summary(best)
     return best
 
 
@@ -232,7 +223,7 @@ def run_aux_confidence(job: StageJob, ctx: WorkerContext) -> dict[str, Any]:
 # --------------------------------------------------------------------------------------------
 
 
-@register_stage("confidence_label")
+@register_stage(ConfidenceLabelStage)
 def run_confidence_label(job: StageJob, ctx: WorkerContext) -> dict[str, Any]:
     stage: ConfidenceLabelStage = job.stage  # type: ignore[assignment]
     data = prepare_data(job.pipeline.data, job.seed)
@@ -242,9 +233,10 @@ def run_confidence_label(job: StageJob, ctx: WorkerContext) -> dict[str, Any]:
         ctx.log(f"  [{stage.name}] note: the auxiliary network was trained on {record['segmentation_checkpoint']}, "
                 f"labelling with {job.inputs['model']}")
 
-    def labeller(batch: Batch, probs: torch.Tensor) -> torch.Tensor:
+    def labeller(model: torch.nn.Module, batch) -> torch.Tensor:
+        probs = _frozen_probs(model, batch["image"], ctx)  # (B, C, H, W)
         with torch.no_grad():
             confidence = torch.sigmoid(aux(probs).float())  # (B, 1, H, W)
         return confident_pseudo_labels(probs.argmax(1), confidence, stage.t_aux)
 
-    return label_unlabelled(job, ctx, data, seg, labeller, extra_metrics={"aux/t_aux": stage.t_aux})
+    return label_and_measure(job, ctx, data, seg, labeller, extra_metrics={"aux/t_aux": stage.t_aux})

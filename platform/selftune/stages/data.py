@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
+import albumentations as A
 from torch.utils.data import DataLoader, Subset
 
 from selftune.config import DataConfig
@@ -38,6 +39,10 @@ class StageData:
     def class_names(self) -> list[str]:
         return self.index.classes
 
+    def only_unlabelled(self, samples: Sequence[Sample]) -> StageData:
+        """The same data with ``samples`` as the unlabelled set (a labelling stage's subset)."""
+        return StageData(self.index, self.labelled, list(samples))
+
 
 def prepare_data(config: DataConfig, seed: int) -> StageData:
     """Open the dataset (generating the synthetic one on first use) and split its train set."""
@@ -50,14 +55,23 @@ def prepare_data(config: DataConfig, seed: int) -> StageData:
     return StageData(index, [by_id[i] for i in labelled_ids], [by_id[i] for i in unlabelled_ids])
 
 
+def has_ground_truth(samples: Sequence[Sample]) -> bool:
+    """Whether every sample has a mask (the benchmark datasets' unlabelled images do: quality is measurable)."""
+    return all(sample.mask is not None for sample in samples)
+
+
 def training_loader(
     data: StageData, samples: Sequence[Sample], config: DataConfig, ctx: WorkerContext, *,
     batch_size: int, seed: int, masks: str | Path = "ground_truth",
+    transform: A.BasicTransform | A.Compose | None = None, strong_transform: A.Compose | None = None,
 ) -> DataLoader:
-    """Weakly augmented (scale, crop, flip) shuffled batches of this worker's shard."""
+    """Shuffled batches of this worker's shard of ``samples``: weakly augmented (scale, crop, flip)
+    unless ``transform`` says otherwise; ``strong_transform`` (image only) adds ``image_strong``.
+    ``masks``: ``"ground_truth"``, ``"none"`` or a pseudo-label folder."""
     dataset = SegmentationDataset(
         samples, num_classes=data.num_classes, masks=masks, label_map=data.index.label_map,
-        transform=weak_augmentation(config.crop_size, scale_range=config.scale_range, hflip=config.hflip),
+        transform=transform if transform is not None else weak_augmentation(config.crop_size, scale_range=config.scale_range, hflip=config.hflip),
+        strong_transform=strong_transform,
     )
     return make_loader(
         dataset, batch_size=batch_size, shuffle=True, num_workers=config.loader_workers,

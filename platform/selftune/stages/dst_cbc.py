@@ -1,6 +1,6 @@
-"""``class_balanced_label``: DST-CBC's class-balanced curriculum pseudo labels (Feng et al., Alg. 1).
+"""DST-CBC (Feng et al., seed 001): class-balanced curriculum labels and the dynamic self-training loss.
 
-A trained model labels the unlabelled images in two passes:
+``class_balanced_label`` labels the unlabelled images in two passes:
 
 1. Thresholds. Every ``sample_every``-th pixel's (max softmax, argmax) is collected over the whole
    unlabelled set (all workers), and each class gets the threshold that keeps its top ``alpha``
@@ -8,43 +8,40 @@ A trained model labels the unlabelled images in two passes:
 2. Labels. ``argmax p`` where ``max p >= t_argmax`` (and ``max p > T`` if a global ``T`` is set),
    else 255 (``methods.dst_cbc.class_balanced_pseudo_labels``: the authors' successor rule, DMT;
    the original DST-CBC ``argmax p_c / t_c`` can pick a non-argmax class, which its author called
-   wrong). One PNG per image; quality against the unlabelled ground truth as in ``pseudo_label``.
+   wrong). One PNG per image; quality against the unlabelled ground truth (``stages.labelling``).
+
+``dst_train`` is self-training with DST-CBC's dynamic loss (eqs. 1-2, ``gamma``), normalised as
+the authors do for every gamma: one shared denominator, the non-ignored pixels of the whole
+labelled + pseudo-labelled batch (``methods.dst_cbc.dynamic_self_training_terms``; gamma = 0 is
+then plain CE over that denominator, continuous with gamma -> 0+).
 
 The curriculum (alpha = 0.2 … 1.0 over rounds) is a ``kind: rounds`` group with a schedule on
-``alpha``; the following ``self_train`` (``init_from: previous``, ``gamma``) is a new stage each
-round, so its optimizer and LR schedule restart, as in the authors' code. The images are labelled
-at their own resolution (the authors resize VOC to 321×321 first).
-
-References: ``model_from`` None means the closest earlier training stage (resolved by the loader,
-as for ``pseudo_label``, because this kind subclasses ``PseudoLabelStage``).
+``alpha``; the following ``dst_train`` (``init_from: previous``) is a new stage each round, so its
+optimizer and LR schedule restart, as in the authors' code. The images are labelled at their own
+resolution (the authors resize VOC to 321×321 first).
 """
 
 from __future__ import annotations
 
 import math
-from pathlib import Path
-from typing import Any, Callable, Literal
+from typing import Any, Literal
 
 import torch
 import torch.distributed as dist
 from pydantic import Field, field_validator
 
-from selftune.config import PseudoLabelStage, register_stage_config
+from selftune.config import PseudoLabelStage, SelfTrainStage, register_stage
 from selftune.config.schema import Fraction01
 from selftune.engine.context import WorkerContext
-from selftune.engine.loop import Batch, predict, to_device
-from selftune.methods.dst_cbc import class_balanced_pseudo_labels, class_balanced_thresholds
-from selftune.metrics import PseudoLabelQuality
-from selftune.models import load_checkpoint
-from selftune.stages.data import StageData, evaluation_loader, prepare_data
-from selftune.stages.job import PSEUDO_LABELS, StageJob, register_stage
-from selftune.stages.pseudo_label import _describe, _loggable, log_overlays, quality_summary, write_label_png
-
-# (batch on the device, its probabilities (B, C, H, W)) -> labels (B, H, W), 255 = not kept
-Labeller = Callable[[Batch, torch.Tensor], torch.Tensor]
+from selftune.engine.loop import predict, to_device
+from selftune.methods.dst_cbc import class_balanced_pseudo_labels, class_balanced_thresholds, dynamic_self_training_terms
+from selftune.stages.data import StageData, evaluation_loader, has_ground_truth, prepare_data
+from selftune.stages.job import StageJob
+from selftune.stages.labelling import label_and_measure, load_model
+from selftune.stages.self_train import pseudo_labelled_batches
+from selftune.stages.training import initial_model, train_network
 
 
-@register_stage_config
 class ClassBalancedLabelStage(PseudoLabelStage):
     """Keep the top ``alpha`` of each predicted class (eq. 6); optional global threshold ``T``."""
 
@@ -61,51 +58,11 @@ class ClassBalancedLabelStage(PseudoLabelStage):
         return value
 
 
-# --------------------------------------------------------------------------------------------
-# Shared labelling pass (also used by the auxiliary-network stage)
-# --------------------------------------------------------------------------------------------
+class DstTrainStage(SelfTrainStage):
+    """Self-training with the dynamic loss: pseudo-labelled pixels weigh ``p_cur[label]^gamma``."""
 
-
-def unlabelled_loader(job: StageJob, ctx: WorkerContext, data: StageData):
-    """This worker's shard of the unlabelled images, with ground truth where the dataset has it."""
-    has_truth = all(sample.mask is not None for sample in data.unlabelled)
-    loader = evaluation_loader(data, data.unlabelled, job.pipeline.data, ctx, masks="ground_truth" if has_truth else "none")
-    return loader, has_truth
-
-
-def load_model(path: str, ctx: WorkerContext) -> torch.nn.Module:
-    model, _ = load_checkpoint(Path(path))
-    return model.to(ctx.device).eval()
-
-
-def label_unlabelled(
-    job: StageJob, ctx: WorkerContext, data: StageData, model: torch.nn.Module, labeller: Labeller,
-    *, extra_metrics: dict[str, float] | None = None,
-) -> dict[str, Any]:
-    """Label every unlabelled image with ``labeller``, write the PNGs, measure and log quality.
-
-    Metrics go to the stage run with the round as step (0 outside a ``rounds`` group). Returns the
-    summary (pseudo-label quality + ``extra_metrics``), written to ``summary.json`` by rank 0.
-    """
-    loader, has_truth = unlabelled_loader(job, ctx, data)
-    out = job.output(PSEUDO_LABELS)
-    quality = PseudoLabelQuality(data.num_classes)
-    for batch in loader:
-        batch = to_device(batch, ctx.device)
-        labels = labeller(batch, predict(model, batch["image"], ctx))  # (B, H, W)
-        for sample_id, sample_labels, (height, width) in zip(batch["id"], labels.cpu().numpy(), batch["size"].tolist()):
-            write_label_png(out / f"{sample_id}.png", sample_labels[:height, :width])  # drop the batch padding
-        if has_truth:
-            quality.update(labels, batch["mask"])
-    quality.all_reduce()
-    ctx.report({"labelled": len(data.unlabelled)})  # a barrier: every worker's PNGs are written
-    summary = {**(quality_summary(quality, data) if has_truth else {}), **(extra_metrics or {})}
-    if ctx.is_main:
-        ctx.tracker.log_metrics(_loggable(summary), step=job.stage.round or 0)
-        log_overlays(job, ctx, data, out)
-        job.write_summary(summary)
-    ctx.log(_describe(job.stage.name, summary, len(data.unlabelled)))
-    return summary
+    kind: Literal["dst_train"] = "dst_train"  # type: ignore[assignment]
+    gamma: float = Field(9.0, ge=0)  # table 1: 0 ... 12, best 9 (4 with > 1000 labels); all shipped scripts: 9
 
 
 # --------------------------------------------------------------------------------------------
@@ -157,7 +114,8 @@ def global_thresholds(
     model: torch.nn.Module, job: StageJob, ctx: WorkerContext, data: StageData, stage: ClassBalancedLabelStage
 ) -> torch.Tensor:
     """(C,) class-balanced thresholds over the whole unlabelled set, identical on every worker."""
-    loader, _ = unlabelled_loader(job, ctx, data)
+    truth = has_ground_truth(data.unlabelled)
+    loader = evaluation_loader(data, data.unlabelled, job.pipeline.data, ctx, masks="ground_truth" if truth else "none")
     conf, pred = sampled_confidences(model, loader, ctx, data.num_classes, stage.sample_every)
     conf, pred = gather_concat(conf, ctx), gather_concat(pred, ctx)
     # Already sampled, so sample_every=1 here.
@@ -173,15 +131,41 @@ def threshold_metrics(thresholds: torch.Tensor, class_names: list[str]) -> dict[
     }
 
 
-@register_stage("class_balanced_label")
+@register_stage(ClassBalancedLabelStage)
 def run_class_balanced_label(job: StageJob, ctx: WorkerContext) -> dict[str, Any]:
     stage: ClassBalancedLabelStage = job.stage  # type: ignore[assignment]
     data = prepare_data(job.pipeline.data, job.seed)
     model = load_model(job.inputs["model"], ctx)
     thresholds = global_thresholds(model, job, ctx, data, stage)
 
-    def labeller(batch: Batch, probs: torch.Tensor) -> torch.Tensor:
-        return class_balanced_pseudo_labels(probs, thresholds, stage.T)
+    def labeller(model, batch) -> torch.Tensor:
+        return class_balanced_pseudo_labels(predict(model, batch["image"], ctx), thresholds, stage.T)
 
     extra = {"class_balanced/alpha": stage.alpha, **threshold_metrics(thresholds, data.class_names)}
-    return label_unlabelled(job, ctx, data, model, labeller, extra_metrics=extra)
+    return label_and_measure(job, ctx, data, model, labeller, extra_metrics=extra)
+
+
+# --------------------------------------------------------------------------------------------
+# dst_train: the dynamic self-training loss
+# --------------------------------------------------------------------------------------------
+
+
+def dst_terms(pseudo_weight: float, gamma: float):
+    """``compute_losses`` of eqs. 1-2 on a two-stream batch (one forward over labelled + pseudo-labelled)."""
+
+    def compute(model, batch, state=None) -> dict[str, torch.Tensor]:
+        logits = model(batch.joint("image"))  # (B_l + B_u, C, H, W)
+        seg, pseudo = dynamic_self_training_terms(logits, batch.joint("mask"), batch.n_labelled, gamma)
+        return {"seg": seg, "pseudo": pseudo_weight * pseudo}
+
+    return compute
+
+
+@register_stage(DstTrainStage)
+def run_dst_train(job: StageJob, ctx: WorkerContext) -> dict[str, Any]:
+    stage: DstTrainStage = job.stage  # type: ignore[assignment]
+    data = prepare_data(job.pipeline.data, job.seed)
+    network, model_config = initial_model(job, data.num_classes)
+    batches, steps = pseudo_labelled_batches(job, ctx, data, stage)
+    return train_network(job, ctx, data, network, model_config, batches=batches, steps_per_epoch=steps,
+                         compute_losses=dst_terms(stage.pseudo_weight, stage.gamma))

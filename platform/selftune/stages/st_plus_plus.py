@@ -15,10 +15,9 @@ Stage kinds (their math is in ``selftune.methods.st_plus_plus``):
   unlabelled; its ``pseudo_labels/`` holds those plus a copy of ``keep_from``'s labels, so the
   final ``st_retrain`` trains on everything.
 
-Reference defaults: ``model_from`` of the labelling stages and ``pseudo_labels`` of ``st_retrain``
-default to the closest earlier training / labelling stage (these configs subclass the built-in
-ones, so ``config.loader.resolve_references`` fills them); ``snapshots_from`` defaults to
-``model_from``; ``keep_from`` must be named.
+Reference defaults: ``model_from`` of the labelling stages, ``pseudo_labels`` of ``st_retrain`` and
+``snapshots_from`` default to the closest earlier stage that produces a model, pseudo labels or
+snapshots (``config.loader.resolve_references``); ``keep_from`` must be named.
 """
 
 from __future__ import annotations
@@ -26,30 +25,31 @@ from __future__ import annotations
 import json
 import shutil
 from pathlib import Path
-from typing import Any, ClassVar, Literal
+from typing import Annotated, Any, ClassVar, Literal
 
 import albumentations as A
 import torch
 import torch.distributed as dist
 from pydantic import Field, model_validator
 
-from selftune.config import SelfTrainStage, SupervisedStage
-from selftune.config.schema import Fraction01, register_stage_config
-from selftune.data import st_plus_plus_augmentation, weak_augmentation
+from selftune.config import MODEL, PSEUDO_LABELS, SNAPSHOTS, Reference, SelfTrainStage, SupervisedStage, register_stage
+from selftune.config.kinds import CLOSEST, REQUIRED
+from selftune.config.schema import Fraction01
+from selftune.data import cycle, read_mask, st_plus_plus_augmentation, weak_augmentation
 from selftune.engine.context import WorkerContext
-from selftune.engine.loop import cycle, to_device, unwrap
+from selftune.engine.loop import Hook, TrainState, to_device, unwrap
 from selftune.errors import ConfigError
 from selftune.methods.st_plus_plus import per_image_miou, snapshot_epochs, split_reliable, stability_scores
+from selftune.metrics import PseudoLabelQuality
 from selftune.models import load_checkpoint, save_checkpoint
-from selftune.stages.data import StageData, evaluation_loader, prepare_data, training_loader
-from selftune.stages.job import PSEUDO_LABELS, StageJob, register_stage
-from selftune.stages.pseudo_label import log_overlays, quality_summary
-from selftune.stages.self_train import paired, self_training_terms
+from selftune.stages.data import StageData, evaluation_loader, has_ground_truth, prepare_data, training_loader
+from selftune.stages.job import PSEUDO_LABELS_FOLDER, SNAPSHOTS_FOLDER, StageJob
+from selftune.stages.labelling import label_and_measure, log_quality, quality_summary
+from selftune.stages.self_train import pseudo_labelled_batches, self_training_terms
 from selftune.stages.supervised import cross_entropy_terms
-from selftune.stages.training import fit, initial_model, steps_per_epoch
-from selftune.stages.tta import TtaLabelStage, augmented_loader, describe, label_samples, log_quality
+from selftune.stages.training import ModelConfig, initial_model, steps_per_epoch, train_network
+from selftune.stages.tta import TtaLabelStage, tta_labeller
 
-SNAPSHOTS = "snapshots"
 ST_PLUS_PLUS_SCALES = [0.5, 0.75, 1.0, 1.5, 2.0]  # the authors' label() scales
 
 
@@ -58,9 +58,10 @@ ST_PLUS_PLUS_SCALES = [0.5, 0.75, 1.0, 1.5, 2.0]  # the authors' label() scales
 # --------------------------------------------------------------------------------------------
 
 
-@register_stage_config
 class SupervisedSnapshotsStage(SupervisedStage):
     """Supervised CE, saving ``snapshots`` (K) checkpoints at epochs j*E//K for the stability score."""
+
+    produces: ClassVar[frozenset[str]] = frozenset({MODEL, SNAPSHOTS})
 
     kind: Literal["supervised_snapshots"] = "supervised_snapshots"  # type: ignore[assignment]
     snapshots: int = Field(3, ge=2)  # K (authors: 3)
@@ -71,26 +72,16 @@ class SupervisedSnapshotsStage(SupervisedStage):
         return self
 
 
-@register_stage_config
 class StabilitySelectStage(TtaLabelStage):
     """Rank unlabelled images by stability; label the top ``reliable_fraction`` with the best model + TTA."""
 
-    reference_fields: ClassVar[tuple[str, ...]] = ("model_from", "snapshots_from")
-
     kind: Literal["stability_select"] = "stability_select"  # type: ignore[assignment]
     scales: list[float] = Field(default_factory=lambda: list(ST_PLUS_PLUS_SCALES), min_length=1)
-    snapshots_from: str | None = None  # a supervised_snapshots stage; None: model_from
+    # A supervised_snapshots stage; None: the closest earlier one.
+    snapshots_from: Annotated[str | None, Reference("snapshots", SNAPSHOTS, when_missing=CLOSEST)] = None
     reliable_fraction: Fraction01 = 0.5  # R (authors: top half)
 
-    def upstream(self) -> dict[str, str]:
-        inputs = super().upstream()
-        source = self.snapshots_from or self.model_from
-        if source:
-            inputs["snapshots"] = source
-        return inputs
 
-
-@register_stage_config
 class StRetrainStage(SelfTrainStage):
     """Labelled CE + CE on the images of ``pseudo_labels`` under ST++'s strong augmentation."""
 
@@ -99,18 +90,13 @@ class StRetrainStage(SelfTrainStage):
     cutout_p: Fraction01 = 0.5  # Cutout probability inside the recipe (authors 0.5)
 
 
-@register_stage_config
 class RelabelUnreliableStage(TtaLabelStage):
     """Label (TTA) the images ``keep_from`` did not label; keep ``keep_from``'s labels for the rest."""
 
-    reference_fields: ClassVar[tuple[str, ...]] = ("model_from", "keep_from")
-
     kind: Literal["relabel_unreliable"] = "relabel_unreliable"  # type: ignore[assignment]
     scales: list[float] = Field(default_factory=lambda: list(ST_PLUS_PLUS_SCALES), min_length=1)
-    keep_from: str  # the stability_select stage whose (reliable) labels are kept
-
-    def upstream(self) -> dict[str, str]:
-        return {**super().upstream(), "pseudo_labels": self.keep_from}
+    # The stability_select stage whose (reliable) labels are kept; required.
+    keep_from: Annotated[str, Reference("pseudo_labels", PSEUDO_LABELS, when_missing=REQUIRED)]
 
 
 # --------------------------------------------------------------------------------------------
@@ -118,25 +104,29 @@ class RelabelUnreliableStage(TtaLabelStage):
 # --------------------------------------------------------------------------------------------
 
 
-@register_stage("supervised_snapshots")
+class SaveSnapshots(Hook):
+    """After the epochs ``save_at``, save the network to ``snapshots/<j>/`` (j = 1..K, rank 0)."""
+
+    def __init__(self, folder: Path, save_at: list[int], model_config: ModelConfig, ctx: WorkerContext):
+        self.folder, self.save_at, self.model_config, self.ctx = folder, save_at, model_config, ctx
+
+    def after_epoch(self, state: TrainState, model: torch.nn.Module) -> None:
+        if state.epoch in self.save_at and self.ctx.is_main:
+            index = self.save_at.index(state.epoch) + 1
+            save_checkpoint(self.folder / str(index), unwrap(model), self.model_config, extra={"epoch": state.epoch})
+
+
+@register_stage(SupervisedSnapshotsStage)
 def run_supervised_snapshots(job: StageJob, ctx: WorkerContext) -> dict[str, Any]:
     stage: SupervisedSnapshotsStage = job.stage  # type: ignore[assignment]
     save_at = snapshot_epochs(stage.epochs, stage.snapshots)  # validated with the config
     data = prepare_data(job.pipeline.data, job.seed)
-    torch.manual_seed(job.seed + job.stage_index)  # the same draw fit() makes, so the weights match
-    model, model_config = initial_model(job, data.num_classes)
+    network, model_config = initial_model(job, data.num_classes)
     loader = training_loader(data, data.labelled, job.pipeline.data, ctx, batch_size=stage.batch_size, seed=job.seed)
     steps = steps_per_epoch(stage.steps_per_epoch, len(data.labelled), stage.batch_size, ctx.world_size)
-
-    def snapshot(epoch: int, network: torch.nn.Module) -> dict[str, float]:
-        if epoch in save_at and ctx.is_main:
-            index = save_at.index(epoch) + 1
-            save_checkpoint(job.output(SNAPSHOTS) / str(index), unwrap(network), model_config, extra={"epoch": epoch})
-        return {}
-
-    summary = fit(
-        job, ctx, data, batches=cycle(loader), steps_per_epoch=steps, compute_losses=cross_entropy_terms,
-        model=model, on_epoch_end=snapshot,
+    summary = train_network(
+        job, ctx, data, network, model_config, batches=cycle(loader), steps_per_epoch=steps,
+        compute_losses=cross_entropy_terms, hooks=[SaveSnapshots(job.output(SNAPSHOTS_FOLDER), save_at, model_config, ctx)],
     )
     return {**summary, "snapshot_epochs": save_at}
 
@@ -162,8 +152,8 @@ def score_images(
     gathered from every worker. The ground-truth column is NaN where the images have no masks; it
     is for diagnosis only (does stability pick the images the model gets right?)."""
     models = [m.to(ctx.device).eval() for m in snapshots]
-    has_truth = all(sample.mask is not None for sample in data.unlabelled)
-    loader = evaluation_loader(data, data.unlabelled, job.pipeline.data, ctx, masks="ground_truth" if has_truth else "none")
+    truth_known = has_ground_truth(data.unlabelled)
+    loader = evaluation_loader(data, data.unlabelled, job.pipeline.data, ctx, masks="ground_truth" if truth_known else "none")
     rows: list[tuple[int, float, float]] = []
     for batch in loader:
         batch = to_device(batch, ctx.device)
@@ -174,7 +164,7 @@ def score_images(
                 masks.append(model(batch["image"]).argmax(1).masked_fill(padding, 255))  # (B, H, W)
         stacked = torch.stack(masks)  # (K, B, H, W)
         scores = stability_scores(stacked, data.num_classes)
-        truth = per_image_miou(stacked[-1], batch["mask"], data.num_classes) if has_truth else torch.full_like(scores, float("nan"))
+        truth = per_image_miou(stacked[-1], batch["mask"], data.num_classes) if truth_known else torch.full_like(scores, float("nan"))
         rows += list(zip(batch["index"].tolist(), scores.tolist(), truth.tolist()))
     if ctx.distributed:
         gathered: list[Any] = [None] * ctx.world_size
@@ -190,19 +180,13 @@ def _nanmean(values: torch.Tensor) -> float:
     return float(torch.nanmean(values)) if values.numel() else float("nan")
 
 
-@register_stage("stability_select")
+@register_stage(StabilitySelectStage)
 def run_stability_select(job: StageJob, ctx: WorkerContext) -> dict[str, Any]:
     stage: StabilitySelectStage = job.stage  # type: ignore[assignment]
     data = prepare_data(job.pipeline.data, job.seed)
     scores, truth = score_images(load_snapshots(Path(job.inputs["snapshots"])), data, job, ctx)
     reliable, unreliable = split_reliable(scores, stage.reliable_fraction)
     reliable_samples = [data.unlabelled[i] for i in reliable.tolist()]
-    best, _ = load_checkpoint(Path(job.inputs["model"]))
-    out = job.output(PSEUDO_LABELS)
-    out.mkdir(parents=True, exist_ok=True)  # exists even when R = 0
-    quality = label_samples(best, reliable_samples, data, job, ctx, out, scales=stage.scales, flip=stage.flip, threshold=stage.threshold)
-    ctx.report({"labelled": len(reliable_samples)})  # a barrier: every worker's PNGs are written
-    summary = quality_summary(quality, data) if quality is not None else {}
     selection = {
         "stability/score_mean": _nanmean(scores),
         "stability/reliable_count": float(len(reliable)),
@@ -212,21 +196,15 @@ def run_stability_select(job: StageJob, ctx: WorkerContext) -> dict[str, Any]:
         "stability/reliable_image_miou": _nanmean(truth[reliable]),
         "stability/unreliable_image_miou": _nanmean(truth[unreliable]),
     }
-    summary.update({k: v for k, v in selection.items() if v == v})
     if ctx.is_main:
         for name, order in (("reliable.txt", reliable), ("unreliable.txt", unreliable)):
             job.output(name).write_text("".join(f"{data.unlabelled[i].id}\n" for i in order.tolist()))
         job.output("stability.json").write_text(json.dumps({s.id: float(v) for s, v in zip(data.unlabelled, scores.tolist())}))
-        log_quality(ctx, summary, step=0)
-        if reliable_samples:
-            log_overlays(job, ctx, _only(data, reliable_samples), out)
-        job.write_summary(summary)
-    ctx.log(describe(stage.name, f"reliable {len(reliable)}/{len(scores)}", summary, len(reliable_samples)))
-    return summary
-
-
-def _only(data: StageData, samples: list) -> StageData:
-    return StageData(data.index, data.labelled, list(samples))
+    best, _ = load_checkpoint(Path(job.inputs["model"]))
+    return label_and_measure(
+        job, ctx, data, best, tta_labeller(ctx, stage.scales, stage.flip, stage.threshold), samples=reliable_samples,
+        extra_metrics={k: v for k, v in selection.items() if v == v}, what=f"reliable {len(reliable)}/{len(scores)}",
+    )
 
 
 # --------------------------------------------------------------------------------------------
@@ -247,7 +225,7 @@ def strong_pipeline(crop_size: int, scale_range: tuple[float, float], hflip: boo
     return A.Compose([weak_augmentation(crop_size, scale_range=scale_range, hflip=hflip), recipe])
 
 
-@register_stage("st_retrain")
+@register_stage(StRetrainStage)
 def run_st_retrain(job: StageJob, ctx: WorkerContext) -> dict[str, Any]:
     stage: StRetrainStage = job.stage  # type: ignore[assignment]
     config = job.pipeline.data
@@ -256,18 +234,12 @@ def run_st_retrain(job: StageJob, ctx: WorkerContext) -> dict[str, Any]:
     samples = pseudo_labelled(data, folder)
     if not samples:
         raise ConfigError(f"stages.{stage.name}: {folder} labels no unlabelled image (reliable_fraction = 0?)")
-    labelled = training_loader(data, data.labelled, config, ctx, batch_size=stage.batch_size, seed=job.seed)
+    network, model_config = initial_model(job, data.num_classes)  # fresh: the authors restart from the initial weights
     transform = strong_pipeline(config.crop_size, config.scale_range, config.hflip, strong_p=stage.strong_p, cutout_p=stage.cutout_p)
-    pseudo = augmented_loader(
-        data, samples, job, ctx, batch_size=stage.unlabelled_batch_size, seed=job.seed + 1, masks=folder, transform=transform,
-    )
-    steps = steps_per_epoch(stage.steps_per_epoch, len(samples), stage.unlabelled_batch_size, ctx.world_size)
+    batches, steps = pseudo_labelled_batches(job, ctx, data, stage, samples=samples, transform=transform)
     ctx.log(f"  [{stage.name}] re-training on {len(data.labelled)} labelled + {len(samples)} pseudo-labelled images")
-    summary = fit(
-        job, ctx, data, batches=paired(cycle(labelled), cycle(pseudo)), steps_per_epoch=steps,
-        # gamma (inherited from self_train, 0 = the authors' plain CE) stays available to a search.
-        compute_losses=self_training_terms(stage.pseudo_weight, getattr(stage, "gamma", 0.0)),
-    )
+    summary = train_network(job, ctx, data, network, model_config, batches=batches, steps_per_epoch=steps,
+                            compute_losses=self_training_terms(stage.pseudo_weight))
     return {**summary, "pseudo_labelled_images": len(samples)}
 
 
@@ -276,7 +248,7 @@ def run_st_retrain(job: StageJob, ctx: WorkerContext) -> dict[str, Any]:
 # --------------------------------------------------------------------------------------------
 
 
-@register_stage("relabel_unreliable")
+@register_stage(RelabelUnreliableStage)
 def run_relabel_unreliable(job: StageJob, ctx: WorkerContext) -> dict[str, Any]:
     stage: RelabelUnreliableStage = job.stage  # type: ignore[assignment]
     data = prepare_data(job.pipeline.data, job.seed)
@@ -284,33 +256,23 @@ def run_relabel_unreliable(job: StageJob, ctx: WorkerContext) -> dict[str, Any]:
     kept = {sample.id for sample in pseudo_labelled(data, kept_folder)}
     rest = [sample for sample in data.unlabelled if sample.id not in kept]
     model, _ = load_checkpoint(Path(job.inputs["model"]))
-    out = job.output(PSEUDO_LABELS)
-    out.mkdir(parents=True, exist_ok=True)
-    quality = label_samples(model, rest, data, job, ctx, out, scales=stage.scales, flip=stage.flip, threshold=stage.threshold)
-    if ctx.is_main:
+    labeller = tta_labeller(ctx, stage.scales, stage.flip, stage.threshold)
+    summary = label_and_measure(job, ctx, data, model, labeller, samples=rest, what=f"unreliable {len(rest)}")
+    if ctx.is_main:  # every worker's PNGs are written (label_and_measure's barrier): add the kept labels
+        out = job.output(PSEUDO_LABELS_FOLDER)
         for sample_id in kept:
             target = out / f"{sample_id}.png"
             target.parent.mkdir(parents=True, exist_ok=True)
             shutil.copyfile(kept_folder / f"{sample_id}.png", target)
-    ctx.report({"labelled": len(rest)})  # a barrier: every PNG is in place before the next stage
-    summary = quality_summary(quality, data) if quality is not None else {}
-    if ctx.is_main:
-        log_quality(ctx, summary, step=0)
-        combined = _combined_quality(data, out, ctx) if quality is not None else {}
-        log_quality(ctx, combined, step=0, prefix="pseudo_label_all/")
-        summary.update({k.replace("pseudo_label/", "pseudo_label_all/", 1): v for k, v in combined.items() if not isinstance(v, dict)})
-        if rest:
-            log_overlays(job, ctx, _only(data, rest), out)
-        job.write_summary(summary)
-    ctx.log(describe(stage.name, f"unreliable {len(rest)}", summary, len(rest)))
+        if "pseudo_label/miou" in summary:
+            combined = _combined_quality(data, out)
+            log_quality(ctx, combined, step=0, prefix="pseudo_label_all/")
+            summary.update({k.replace("pseudo_label/", "pseudo_label_all/", 1): v for k, v in combined.items() if not isinstance(v, dict)})
     return summary
 
 
-def _combined_quality(data: StageData, folder: Path, ctx: WorkerContext) -> dict[str, Any]:
+def _combined_quality(data: StageData, folder: Path) -> dict[str, Any]:
     """Quality of the whole folder (kept + new labels) as the final re-training sees it (rank 0)."""
-    from selftune.data import read_mask
-    from selftune.metrics import PseudoLabelQuality
-
     quality = PseudoLabelQuality(data.num_classes)
     for sample in data.unlabelled:
         pseudo = torch.from_numpy(read_mask(folder / f"{sample.id}.png", data.num_classes, None)).long()

@@ -3,40 +3,36 @@
 ``MeanTeacher`` holds a student (trained) and its EMA teacher (never trained) in one module:
 
 * ``forward`` in training mode runs the student (through DDP, so gradients are reduced); in eval
-  mode it runs the teacher — so ``fit``'s per-epoch val mIoU and its best checkpoint are the
-  teacher's (U2PL validates its teacher; three-stage labels the next stage with it).
-* ``state_dict()`` is the teacher's, so the checkpoint ``fit`` saves is a plain network of the
+  mode it runs the teacher — so the per-epoch val mIoU and the best checkpoint are the teacher's
+  (U2PL validates its teacher; three-stage labels the next stage with it).
+* ``state_dict()`` is the teacher's, so the checkpoint a stage saves is a plain network of the
   student's architecture that ``load_checkpoint`` rebuilds and a ``pseudo_label`` stage uses.
-* The EMA update ``θ' <- d θ' + (1 - d) θ`` must follow each optimizer step, and the shared
-  training loop has no hook there. So the wrapper marks an update as pending whenever the student
-  runs, and applies it before the next use of the teacher (``teach``), the next student forward
-  (i.e. after the optimizer step) or the switch to eval mode before validation. The order of
-  updates is the textbook one; only the moment it is computed moves.
+* ``EmaUpdate``, a ``fit`` hook, applies ``θ' <- d θ' + (1 - d) θ`` after every optimizer step.
 """
 
 from __future__ import annotations
 
 import copy
-import dataclasses
 from pathlib import Path
 from typing import Any, Callable
 
 import torch
 from torch import nn
 
+from selftune.engine.loop import Hook, TrainState, unwrap
 from selftune.methods.common import ema_update
-from selftune.models import load_checkpoint
+from selftune.models import build_model, load_checkpoint
 from selftune.stages.job import StageJob
-from selftune.stages.training import initial_model
+from selftune.stages.training import ModelConfig, fresh_network
 
 
 class MeanTeacher(nn.Module):
-    """Student + EMA teacher. ``decay(updates)`` gives the EMA decay of update number ``updates``
-    (0-based); ``parameters_only`` as ``ema_update``; ``teacher_train_mode`` runs the teacher with
+    """Student + EMA teacher. ``decay(updates, epoch_index)`` gives the EMA decay of update number
+    ``updates`` (0-based), made during 0-based epoch ``epoch_index``; ``parameters_only`` as ``ema_update``; ``teacher_train_mode`` runs the teacher with
     batch statistics (U2PL's second teacher pass) instead of its running ones."""
 
     def __init__(
-        self, student: nn.Module, decay: Callable[[int], float], *,
+        self, student: nn.Module, decay: Callable[[int, int], float], *,
         parameters_only: bool = False, teacher_train_mode: bool = False,
     ):
         super().__init__()
@@ -46,31 +42,24 @@ class MeanTeacher(nn.Module):
         self.parameters_only = parameters_only
         self.teacher_train_mode = teacher_train_mode
         self.updates = 0
-        self._pending = False
 
-    def update_teacher(self) -> None:
-        """Apply the EMA update owed for the student's last optimizer step, if any."""
-        if self._pending:
-            ema_update(self.teacher, self.student, self.decay(self.updates), parameters_only=self.parameters_only)
-            self.updates += 1
-            self._pending = False
+    def update_teacher(self, epoch_index: int = 0) -> None:
+        """One EMA step of the teacher towards the student (after the student's optimizer step)."""
+        decay = self.decay(self.updates, epoch_index)
+        ema_update(self.teacher, self.student, decay, parameters_only=self.parameters_only)
+        self.updates += 1
 
     def forward(self, x: torch.Tensor, **kwargs: Any):
         if not self.training:
             return self.teacher(x)
-        self.update_teacher()  # the previous step's optimizer update is done by now
-        self._pending = True
         return self.student(x, **kwargs)
 
     @torch.no_grad()
     def teach(self, x: torch.Tensor, **kwargs: Any):
-        """The (up-to-date) teacher's output, without gradient."""
-        self.update_teacher()
+        """The teacher's output, without gradient."""
         return self.teacher(x, **kwargs)
 
     def train(self, mode: bool = True) -> MeanTeacher:
-        if not mode:
-            self.update_teacher()  # validation must see the teacher of the last step
         super().train(mode)
         self.teacher.train(mode and self.teacher_train_mode)
         return self
@@ -80,34 +69,20 @@ class MeanTeacher(nn.Module):
         return self.teacher.state_dict(*args, **kwargs)
 
 
-def with_model(job: StageJob, model_config: dict[str, Any]) -> StageJob:
-    """``job`` with the pipeline's model replaced by ``{name, options}``.
+class EmaUpdate(Hook):
+    """After every optimizer step, move the mean teacher one EMA step towards the student."""
 
-    ``fit`` builds the fresh network (same seed on every rank) and writes the checkpoint's model
-    JSON from the pipeline's model config, so a stage that trains a different architecture (the
-    multi-head network) hands ``fit`` a job that names it.
-    """
-    model = job.pipeline.model.model_copy(update={"name": model_config["name"], "options": model_config["options"]})
-    return dataclasses.replace(job, pipeline=job.pipeline.model_copy(update={"model": model}))
+    def after_step(self, state: TrainState, model: nn.Module) -> None:
+        pair = unwrap(model)
+        assert isinstance(pair, MeanTeacher), "EmaUpdate trains a MeanTeacher"
+        pair.update_teacher(state.epoch_index)
 
 
-def multi_head_job(job: StageJob, model_config: dict[str, Any]) -> tuple[StageJob, str | None]:
-    """``job`` training ``model_config`` (a multi-head network) with its ``init`` input taken out.
-
-    ``fit`` must build, and save the model JSON of, the multi-head network — not reload the
-    ``init_from`` checkpoint, which is normally a plain network; ``multi_head_student`` loads
-    that one into the main path. Returns (job, the init checkpoint folder or None).
-    """
-    init = job.inputs.get("init")
-    inputs = {role: path for role, path in job.inputs.items() if role != "init"}
-    return dataclasses.replace(with_model(job, model_config), inputs=inputs), init
-
-
-def multi_head_student(job: StageJob, num_classes: int, init: str | None) -> nn.Module:
-    """Fresh multi-head network (the same on every rank); with ``init`` (a plain network's
+def multi_head_student(job: StageJob, model_config: ModelConfig) -> nn.Module:
+    """Fresh multi-head network (the same on every rank); with an ``init`` input (a plain network's
     checkpoint folder, or a multi-head one) its main path starts from it, the branch stays fresh."""
-    torch.manual_seed(job.seed + job.stage_index)
-    student, _ = initial_model(job, num_classes)
+    student = fresh_network(job, model_config)
+    init = job.inputs.get("init")
     if init is None:
         return student
     warm, _ = load_checkpoint(Path(init))
@@ -119,3 +94,6 @@ def multi_head_student(job: StageJob, num_classes: int, init: str | None) -> nn.
     if unexpected or any(not key.startswith("head.branch.") for key in missing):
         raise ValueError(f"init checkpoint {init} does not fit the multi-head network: missing {missing[:3]}, unexpected {unexpected[:3]}")
     return student
+
+
+__all__ = ["EmaUpdate", "MeanTeacher", "build_model", "multi_head_student"]

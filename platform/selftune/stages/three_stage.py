@@ -28,17 +28,17 @@ whose plain forward is the main head, so a following ``pseudo_label`` stage writ
 
 from __future__ import annotations
 
-from typing import Any, ClassVar, Iterator, Literal
+from typing import Annotated, Any, ClassVar, Literal
 
 import torch
 from pydantic import Field, field_validator
 
-from selftune.config import TrainingStageConfig
-from selftune.config.schema import register_stage_config
-from selftune.data import IGNORE_INDEX, SegmentationDataset, make_loader, weak_augmentation
+from selftune.config import PSEUDO_LABELS, Reference, TrainingStageConfig, register_stage
+from selftune.config.kinds import REQUIRED
+from selftune.data import IGNORE_INDEX, TwoStreamBatch, cycle, two_streams
 from selftune.data.strong import saug_augmentation
 from selftune.engine.context import WorkerContext
-from selftune.engine.loop import Batch, cycle, unwrap
+from selftune.engine.loop import unwrap
 from selftune.methods.common import masked_cross_entropy
 from selftune.methods.three_stage import (
     apply_geometric_transform,
@@ -47,20 +47,20 @@ from selftune.methods.three_stage import (
 )
 from selftune.models.multi_head import multi_head_config
 from selftune.schedules import schedule_value, validate_schedule
-from selftune.stages.data import StageData, prepare_data, training_loader
-from selftune.stages.job import StageJob, register_stage
-from selftune.stages.teacher import MeanTeacher, multi_head_job, multi_head_student
-from selftune.stages.training import fit, steps_per_epoch
+from selftune.stages.data import prepare_data, training_loader
+from selftune.stages.job import StageJob
+from selftune.stages.teacher import EmaUpdate, MeanTeacher, multi_head_student
+from selftune.stages.training import steps_per_epoch, train_network
 
 
-@register_stage_config
 class MultiTaskStage(TrainingStageConfig):
     """Stage 2 (``shared_blocks: N-2``) or stage 3 (``N-1``) of three-stage self-training."""
 
-    reference_fields: ClassVar[tuple[str, ...]] = ("init_from", "pseudo_labels")
+    needs_unlabelled: ClassVar[bool] = True
 
     kind: Literal["multi_task"] = "multi_task"
-    pseudo_labels: str  # the pseudo_label stage whose masks are ŷ (required: not resolved by the loader)
+    # The pseudo-labelling stage whose masks are ŷ; required.
+    pseudo_labels: Annotated[str, Reference("pseudo_labels", PSEUDO_LABELS, when_missing=REQUIRED)]
     unlabelled_batch_size: int = Field(16, ge=1)  # unlabelled images per step (batch_size: labelled ones)
     lambda1: float = Field(0.5, ge=0)  # weight of L_con (paper: 1/2 on Cityscapes)
     lambda2: float = Field(0.5, ge=0)  # weight of L_pl
@@ -78,49 +78,23 @@ class MultiTaskStage(TrainingStageConfig):
         validate_schedule(value, where="ema_decay")
         return value
 
-    def upstream(self) -> dict[str, str]:
-        return {**super().upstream(), "pseudo_labels": self.pseudo_labels}
-
-
-def unlabelled_loader(data: StageData, job: StageJob, ctx: WorkerContext, stage: MultiTaskStage):
-    """Weakly augmented unlabelled images with their stored pseudo masks and an ``image_strong`` view."""
-    config = job.pipeline.data
-    dataset = SegmentationDataset(
-        data.unlabelled, num_classes=data.num_classes, masks=job.inputs["pseudo_labels"], label_map=data.index.label_map,
-        transform=weak_augmentation(config.crop_size, scale_range=config.scale_range, hflip=config.hflip),
-        strong_transform=saug_augmentation(stage.strong_ops, stage.strong_magnitude),
-    )
-    return make_loader(
-        dataset, batch_size=stage.unlabelled_batch_size, shuffle=True, num_workers=config.loader_workers,
-        rank=ctx.rank, world_size=ctx.world_size, seed=job.seed + 1,
-        drop_last=len(dataset) >= stage.unlabelled_batch_size * ctx.world_size,
-    )
-
-
-def paired(labelled: Iterator[Batch], unlabelled: Iterator[Batch]) -> Iterator[dict[str, torch.Tensor]]:
-    for a, b in zip(labelled, unlabelled):
-        yield {
-            "image_l": a["image"], "mask_l": a["mask"], "valid_l": a["valid"],
-            "image_u": b["image"], "strong_u": b["image_strong"], "pseudo_u": b["mask"], "valid_u": b["valid"],
-        }
-
 
 def multi_task_terms(stage: MultiTaskStage, generator: torch.Generator):
     """``compute_losses`` of eq. 4: ``{seg, con: λ1 L_con, pl: λ2 L_pl}``."""
 
-    def compute(model, batch) -> dict[str, torch.Tensor]:
+    def compute(model, batch: TwoStreamBatch, state=None) -> dict[str, torch.Tensor]:
         pair: MeanTeacher = unwrap(model)  # type: ignore[assignment]
-        n = batch["image_l"].shape[0]
-        weak = torch.cat([batch["image_l"], batch["image_u"]])  # (B, 3, H, W) teacher input x
-        strong = torch.cat([batch["image_l"], batch["strong_u"]])  # photometric A on U only
-        valid = torch.cat([batch["valid_l"], batch["valid_u"]])  # (B, H, W) False on padding
+        n = batch.n_labelled
+        weak = batch.joint("image")  # (B, 3, H, W) teacher input x
+        strong = batch.joint("image", "image_strong")  # photometric A on U only
+        valid = batch.joint("valid")  # (B, H, W) False on padding
         params = sample_geometric_transform(
             weak.shape[0], generator, flip_prob=stage.flip_prob, scale_range=stage.zoom_range,
             max_rotation_degrees=stage.max_rotation_degrees, device=weak.device,
         )
         teacher_labels = pair.teach(weak).argmax(dim=1).masked_fill(~valid, IGNORE_INDEX)  # argmax f_θ'(x)
         con_target = apply_geometric_transform(teacher_labels, params, mode="nearest")  # B argmax f_θ'(x)
-        masks = torch.cat([batch["mask_l"], batch["pseudo_u"]])  # ground truth on L, ŷ on U
+        masks = batch.joint("mask")  # ground truth on L, ŷ on U
         moved_masks = apply_geometric_transform(masks, params, mode="nearest")  # B y, B ŷ
         main, branch = model(apply_geometric_transform(strong, params), both=True)  # f(A x), g(A x)
         return {
@@ -132,23 +106,29 @@ def multi_task_terms(stage: MultiTaskStage, generator: torch.Generator):
     return compute
 
 
-def ema_decay_of(stage: MultiTaskStage, steps: int):
-    """Decay of EMA update ``u``: the stage's schedule read at the epoch that update belongs to."""
-    return lambda updates: schedule_value(stage.ema_decay, min(updates // steps, stage.epochs - 1), stage.epochs)
+def ema_decay_of(stage: MultiTaskStage):
+    """Decay of an EMA update: the stage's schedule read at the epoch the update is made in."""
+    return lambda updates, epoch_index: schedule_value(stage.ema_decay, epoch_index, stage.epochs)
 
 
-@register_stage("multi_task")
+@register_stage(MultiTaskStage)
 def run_multi_task(job: StageJob, ctx: WorkerContext) -> dict[str, Any]:
     stage: MultiTaskStage = job.stage  # type: ignore[assignment]
+    config = job.pipeline.data
+    data = prepare_data(config, job.seed)
     model = job.pipeline.model
-    job, init = multi_head_job(job, multi_head_config(model.name, dict(model.options), shared_blocks=stage.shared_blocks))
-    data = prepare_data(job.pipeline.data, job.seed)
-    student = multi_head_student(job, data.num_classes, init)  # fresh θ (Algorithm 1) unless init_from
+    model_config = {"num_classes": data.num_classes,
+                    **multi_head_config(model.name, dict(model.options), shared_blocks=stage.shared_blocks)}
+    student = multi_head_student(job, model_config)  # fresh θ (Algorithm 1) unless init_from
     steps = steps_per_epoch(stage.steps_per_epoch, len(data.unlabelled), stage.unlabelled_batch_size, ctx.world_size)
-    pair = MeanTeacher(student, ema_decay_of(stage, steps))
-    labelled = training_loader(data, data.labelled, job.pipeline.data, ctx, batch_size=stage.batch_size, seed=job.seed)
+    pair = MeanTeacher(student, ema_decay_of(stage))
+    labelled = training_loader(data, data.labelled, config, ctx, batch_size=stage.batch_size, seed=job.seed)
+    unlabelled = training_loader(
+        data, data.unlabelled, config, ctx, batch_size=stage.unlabelled_batch_size, seed=job.seed + 1,
+        masks=job.inputs["pseudo_labels"], strong_transform=saug_augmentation(stage.strong_ops, stage.strong_magnitude),
+    )
     generator = torch.Generator().manual_seed(job.seed * 1000 + ctx.rank)
-    return fit(
-        job, ctx, data, batches=paired(cycle(labelled), cycle(unlabelled_loader(data, job, ctx, stage))),
-        steps_per_epoch=steps, compute_losses=multi_task_terms(stage, generator), model=pair,
+    return train_network(
+        job, ctx, data, pair, model_config, batches=two_streams(cycle(labelled), cycle(unlabelled)),
+        steps_per_epoch=steps, compute_losses=multi_task_terms(stage, generator), hooks=[EmaUpdate()],
     )

@@ -1,110 +1,184 @@
-"""What every training stage shares: build (or fine-tune) the model, run epochs of steps, evaluate
-val mIoU after each epoch, keep the best checkpoint, log to MLflow, write the summary.
+"""What every training stage shares: the network it starts from, and ``train_network``: ``fit``
+with the standard hooks — val mIoU after each epoch, the best checkpoint kept, metrics logged and
+reported, one progress line per epoch — and the stage summary.
 
-A training stage only says which batches to draw and how to turn a batch into loss terms.
+A training stage only says which network to train, which batches to draw and how to turn a batch
+into loss terms, plus any hooks of its own (an EMA teacher, snapshots, online label quality).
+Standard hooks run after the stage's own, in this order: ``EvaluateOnVal``, the stage's hooks,
+``KeepBest``, ``LogEpoch``, ``ReportEpoch``.
 """
 
 from __future__ import annotations
 
 import time
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterator, Sequence
 
 import torch
 from torch import nn
 
-from selftune.config import TrainingStageConfig
 from selftune.engine.context import WorkerContext
-from selftune.engine.loop import (
-    Batch,
-    LossFn,
-    evaluate,
-    make_lr_schedule,
-    make_optimizer,
-    train_steps,
-    unwrap,
-    wrap_for_training,
-)
+from selftune.engine.loop import Batch, Hook, LossFn, TrainState, evaluate, fit, unwrap
 from selftune.metrics import ConfusionMatrix, plot_confusion_matrix
 from selftune.models import build_model, load_checkpoint, save_checkpoint
 from selftune.stages.data import StageData, evaluation_loader
 from selftune.stages.job import CHECKPOINT, StageJob
 
+ModelConfig = dict[str, Any]  # build_model's arguments: {name, num_classes, options} (what model.json holds)
 
-def initial_model(job: StageJob, num_classes: int) -> tuple[nn.Module, dict[str, Any]]:
-    """Fresh weights from the pipeline's model config, or the ``init`` stage's best checkpoint."""
-    if "init" in job.inputs:
-        return load_checkpoint(Path(job.inputs["init"]))
+
+def pipeline_model_config(job: StageJob, num_classes: int) -> ModelConfig:
     config = job.pipeline.model
-    model_config = {"name": config.name, "num_classes": num_classes, "options": dict(config.options)}
-    return build_model(config.name, num_classes, **config.options), model_config
+    return {"name": config.name, "num_classes": num_classes, "options": dict(config.options)}
 
 
-def fit(
+def fresh_network(job: StageJob, model_config: ModelConfig) -> nn.Module:
+    """A new network drawn with the stage's seed (the same weights on every rank)."""
+    torch.manual_seed(job.init_seed)
+    return build_model(model_config["name"], model_config["num_classes"], **model_config["options"])
+
+
+def initial_model(job: StageJob, num_classes: int) -> tuple[nn.Module, ModelConfig]:
+    """The ``init`` stage's best checkpoint, or fresh weights from the pipeline's model config."""
+    if "init" in job.inputs:
+        torch.manual_seed(job.init_seed)
+        return load_checkpoint(Path(job.inputs["init"]))
+    model_config = pipeline_model_config(job, num_classes)
+    return fresh_network(job, model_config), model_config
+
+
+# --------------------------------------------------------------------------------------------
+# The standard hooks
+# --------------------------------------------------------------------------------------------
+
+
+class EvaluateOnVal(Hook):
+    """``val/miou`` and ``val/pixel_accuracy`` of the network after each epoch; keeps the confusion."""
+
+    def __init__(self, loader, num_classes: int, ctx: WorkerContext):
+        self.loader, self.num_classes, self.ctx = loader, num_classes, ctx
+        self.confusion: ConfusionMatrix | None = None
+
+    def after_epoch(self, state: TrainState, model: nn.Module) -> None:
+        self.confusion = evaluate(model, self.loader, self.num_classes, self.ctx)
+        state.metrics.update({"val/miou": self.confusion.miou(), "val/pixel_accuracy": self.confusion.pixel_accuracy()})
+
+
+class KeepBest(Hook):
+    """Save the network whenever ``metric`` improves (rank 0); ``export`` turns the trained network
+    into the one to save (e.g. DSBN's back into the plain network). NaN ranks below any value."""
+
+    def __init__(
+        self, folder: Path, model_config: ModelConfig, ctx: WorkerContext, *, metric: str = "val/miou",
+        export: Callable[[nn.Module], nn.Module] | None = None, on_best: Callable[[TrainState], None] | None = None,
+        save: Callable[[Path, nn.Module, dict[str, Any]], None] | None = None,
+    ):
+        self.folder, self.model_config, self.ctx, self.metric = folder, model_config, ctx, metric
+        self.export, self.on_best, self.save = export, on_best, save
+        self.best: float | None = None
+        self.best_epoch = 0
+        self.best_metrics: dict[str, float] = {}
+
+    def after_epoch(self, state: TrainState, model: nn.Module) -> None:
+        value = state.metrics[self.metric]
+        score = value if value == value else -float("inf")
+        if self.best is not None and score <= self.best:
+            return
+        self.best, self.best_epoch, self.best_metrics = score, state.epoch, dict(state.metrics)
+        if self.on_best:
+            self.on_best(state)
+        if self.ctx.is_main:
+            network = unwrap(model)
+            network = self.export(network) if self.export else network
+            facts = {self.metric.replace("/", "_"): value, "epoch": state.epoch}
+            if self.save:
+                self.save(self.folder, network, facts)
+            else:
+                save_checkpoint(self.folder, network, self.model_config, extra=facts)
+
+
+class LogEpoch(Hook):
+    """The epoch's metrics to the stage's MLflow run (step = epoch) and one line on the console."""
+
+    def __init__(self, ctx: WorkerContext, stage_name: str, shown: str = "val/miou"):
+        self.ctx, self.stage_name, self.shown = ctx, stage_name, shown
+        self.started = time.perf_counter()
+
+    def before_epoch(self, state: TrainState, model: nn.Module) -> None:
+        self.started = time.perf_counter()
+
+    def after_epoch(self, state: TrainState, model: nn.Module) -> None:
+        self.ctx.tracker.log_metrics(state.metrics, step=state.epoch)
+        value = state.metrics.get(self.shown, float("nan"))
+        label = {"val/miou": "val mIoU"}.get(self.shown, self.shown)
+        self.ctx.log(
+            f"  [{self.stage_name}] epoch {state.epoch}/{state.epochs}  loss {state.losses['loss']:.4f}  "
+            f"{label} {value:.4f}  ({time.perf_counter() - self.started:.1f}s)"
+        )
+
+
+class ReportEpoch(Hook):
+    """``ray.train.report`` after each epoch (a barrier under Ray Train: every rank calls it)."""
+
+    def __init__(self, ctx: WorkerContext):
+        self.ctx = ctx
+
+    def after_epoch(self, state: TrainState, model: nn.Module) -> None:
+        self.ctx.report({"epoch": state.epoch, **state.metrics})
+
+
+# --------------------------------------------------------------------------------------------
+# A training stage
+# --------------------------------------------------------------------------------------------
+
+
+def train_network(
     job: StageJob,
     ctx: WorkerContext,
     data: StageData,
+    network: nn.Module,
+    model_config: ModelConfig,
     *,
     batches: Iterator[Batch],
     steps_per_epoch: int,
     compute_losses: LossFn,
-    model: nn.Module | None = None,
-    on_epoch_end: Callable[[int, nn.Module], dict[str, float]] | None = None,
+    hooks: Sequence[Hook] = (),
+    export: Callable[[nn.Module], nn.Module] | None = None,
 ) -> dict[str, Any]:
-    """Train for ``stage.epochs`` × ``steps_per_epoch`` steps; return the stage summary."""
-    stage: TrainingStageConfig = job.stage  # type: ignore[assignment]
-    torch.manual_seed(job.seed + job.stage_index)  # same initial weights on every rank
-    built, model_config = initial_model(job, data.num_classes)
-    network = wrap_for_training(model or built, ctx)
-    optimizer = make_optimizer(network, stage.optimizer)
-    lr_schedule = make_lr_schedule(optimizer, stage.optimizer, stage.epochs * steps_per_epoch)
-    scaler = torch.amp.GradScaler("cuda") if ctx.device.type == "cuda" and ctx.precision == "fp16" else None
-    val_loader = evaluation_loader(data, data.index.val, job.pipeline.data, ctx)
-
-    best: dict[str, Any] = {"miou": -1.0}
-    extra: dict[str, float] = {}
-    for epoch in range(1, stage.epochs + 1):
-        started = time.perf_counter()
-        losses = train_steps(
-            network, batches, steps=steps_per_epoch, compute_losses=compute_losses,
-            optimizer=optimizer, lr_schedule=lr_schedule, ctx=ctx, scaler=scaler,
-        )
-        confusion = evaluate(network, val_loader, data.num_classes, ctx)
-        miou = confusion.miou()
-        extra = on_epoch_end(epoch, network) if on_epoch_end else {}
-        metrics = {f"train/{k}" if k == "loss" else f"train/loss_{k}": v for k, v in losses.items()}
-        metrics.update({"val/miou": miou, "val/pixel_accuracy": confusion.pixel_accuracy(), **extra})
-        ctx.tracker.log_metrics(metrics, step=epoch)
-        if miou > best["miou"]:
-            best = {"miou": miou, "epoch": epoch, "confusion": confusion.matrix.cpu()}
-            if ctx.is_main:
-                save_checkpoint(job.output(CHECKPOINT), unwrap(network), model_config, extra={"val_miou": miou, "epoch": epoch})
-        ctx.report({"epoch": epoch, **metrics})
-        ctx.log(
-            f"  [{stage.name}] epoch {epoch}/{stage.epochs}  loss {losses['loss']:.4f}  "
-            f"val mIoU {miou:.4f}  ({time.perf_counter() - started:.1f}s)"
-        )
+    """Train ``network`` for the stage's epochs with the standard hooks; return the stage summary."""
+    stage = job.stage
+    evaluation = EvaluateOnVal(evaluation_loader(data, data.index.val, job.pipeline.data, ctx), data.num_classes, ctx)
+    best_confusion: dict[str, torch.Tensor] = {}
+    keep = KeepBest(
+        job.output(CHECKPOINT), model_config, ctx, export=export,
+        on_best=lambda state: best_confusion.update(matrix=evaluation.confusion.matrix.cpu()),
+    )
+    state = fit(
+        network, batches, epochs=stage.epochs, steps_per_epoch=steps_per_epoch, compute_losses=compute_losses,
+        optimizer=stage.optimizer, ctx=ctx,
+        hooks=[evaluation, *hooks, keep, LogEpoch(ctx, stage.name), ReportEpoch(ctx)],
+    )
     # Online labelling (U2PL) reports pseudo-label quality per epoch; the stage summary keeps the last.
-    labelling = {key: value for key, value in extra.items() if key.startswith("pseudo_label/") and key.count("/") == 1}
-    return finish_training(job, ctx, data, best, epochs=stage.epochs, extra_summary=labelling)
+    labelling = {k: v for k, v in state.metrics.items() if k.startswith("pseudo_label/") and k.count("/") == 1}
+    return finish_training(job, ctx, data, keep, best_confusion["matrix"], extra_summary=labelling)
 
 
 def finish_training(
-    job: StageJob, ctx: WorkerContext, data: StageData, best: dict[str, Any], *, epochs: int,
-    extra_summary: dict[str, float] | None = None,
+    job: StageJob, ctx: WorkerContext, data: StageData, keep: KeepBest, matrix: torch.Tensor,
+    *, extra_summary: dict[str, float] | None = None,
 ) -> dict[str, Any]:
     """Log the kept checkpoint's val metrics (as the last ``val/miou`` point) and its confusion matrix."""
     confusion = ConfusionMatrix(data.num_classes)
-    confusion.matrix = best["confusion"]
+    confusion.matrix = matrix
     per_class = {f"val/iou/{name}": iou for name, iou in zip(data.class_names, confusion.iou().tolist())}
-    final = {"val/miou": best["miou"], "val/best_epoch": best["epoch"], **_finite(per_class)}
-    summary = {"val/miou": best["miou"], "val/best_epoch": best["epoch"], "val/iou": per_class, **(extra_summary or {})}
+    miou = keep.best_metrics["val/miou"]
+    final = {"val/miou": miou, "val/best_epoch": keep.best_epoch, **_finite(per_class)}
+    summary = {"val/miou": miou, "val/best_epoch": keep.best_epoch, "val/iou": per_class, **(extra_summary or {})}
     if ctx.is_main:
-        ctx.tracker.log_metrics(final, step=epochs)
+        ctx.tracker.log_metrics(final, step=job.stage.epochs)
         picture = job.output("confusion_matrix.png")
         plot_confusion_matrix(confusion.matrix, data.class_names, picture)
         ctx.tracker.log_artifact(picture)
-        job.write_summary(summary)
     return summary
 
 

@@ -15,7 +15,8 @@ One stage trains a mean teacher (``stages.teacher.MeanTeacher``; EMA of the para
 Representation: the output of the network's last block, projected by a small head
 (conv3x3-BN-ReLU-conv1x1 to ``feature_dim``; the authors' 256-d head on the decoder) — the
 ``multi_head`` model with ``shared_blocks: N-1, branch: projection``. The checkpoint is the
-teacher; its plain forward is the segmentation head.
+teacher; its plain forward is the segmentation head. ``EmaUpdate`` moves the teacher after every
+optimizer step; ``α_t`` reads the epoch from the training state.
 
 Choices where the authors' code does more: one teacher pass in train mode (their second, BN
 train-mode pass) gives labels, entropy and features (they take the labels from an extra eval-mode
@@ -30,32 +31,31 @@ the unlabelled batches seen during the epoch, against their ground truth where t
 
 from __future__ import annotations
 
-from typing import Any, ClassVar, Iterator, Literal
+from typing import Any, ClassVar, Literal
 
 import torch
 import torch.nn.functional as F
-from pydantic import Field
+from pydantic import Field, model_validator
 
-from selftune.config import TrainingStageConfig
-from selftune.config.schema import register_stage_config
+from selftune.config import TrainingStageConfig, register_stage
+from selftune.data import TwoStreamBatch, cycle, two_streams
 from selftune.engine.context import WorkerContext
-from selftune.engine.loop import Batch, cycle, unwrap
+from selftune.engine.loop import Hook, TrainState, unwrap
 from selftune.methods import u2pl
 from selftune.methods.common import IGNORE_INDEX, ema_decay, masked_cross_entropy, resize_labels, zero_loss
 from selftune.metrics import PseudoLabelQuality
 from selftune.models.multi_head import multi_head_config
-from selftune.stages.data import StageData, prepare_data, training_loader
-from selftune.stages.job import StageJob, register_stage
-from selftune.stages.pseudo_label import _loggable, quality_summary
-from selftune.stages.teacher import MeanTeacher, multi_head_job, multi_head_student
-from selftune.stages.training import fit, steps_per_epoch
+from selftune.stages.data import StageData, has_ground_truth, prepare_data, training_loader
+from selftune.stages.job import StageJob
+from selftune.stages.labelling import loggable, quality_summary
+from selftune.stages.teacher import EmaUpdate, MeanTeacher, multi_head_student
+from selftune.stages.training import steps_per_epoch, train_network
 
 
-@register_stage_config
 class U2PLStage(TrainingStageConfig):
     """Online U2PL; ``init_from`` an optional supervised warm-up stage (its head initialises ``f``)."""
 
-    reference_fields: ClassVar[tuple[str, ...]] = ("init_from",)
+    needs_unlabelled: ClassVar[bool] = True
 
     kind: Literal["u2pl"] = "u2pl"
     unlabelled_batch_size: int = Field(16, ge=1)
@@ -74,47 +74,45 @@ class U2PLStage(TrainingStageConfig):
     feature_dim: int = Field(64, ge=1)  # projection width (the authors: 256)
     ema_decay: float = Field(0.99, ge=0, le=1)  # the cap of min(1 - 1/(k+1), ema_decay)
 
-
-def paired(labelled: Iterator[Batch], unlabelled: Iterator[Batch]) -> Iterator[dict[str, torch.Tensor]]:
-    for a, b in zip(labelled, unlabelled):
-        yield {"image_l": a["image"], "mask_l": a["mask"], "image_u": b["image"], "truth_u": b["mask"], "valid_u": b["valid"]}
+    @model_validator(mode="after")
+    def _rank_window(self) -> "U2PLStage":
+        if self.r_l >= self.r_h:
+            raise ValueError(f"the negatives' rank window needs r_l < r_h, but got r_l={self.r_l}, r_h={self.r_h}")
+        return self
 
 
 class U2PLTerms:
-    """``compute_losses`` of eq. 1 plus the per-epoch pseudo-label quality it accumulates."""
+    """``compute_losses`` of eq. 1; it also accumulates the quality of the reliable labels it makes."""
 
-    def __init__(self, stage: U2PLStage, steps: int, num_classes: int, device: torch.device, seed: int):
-        self.stage, self.steps = stage, steps
+    def __init__(self, stage: U2PLStage, num_classes: int, device: torch.device, seed: int):
+        self.stage = stage
         self.bank = u2pl.ClassMemoryBank(num_classes, stage.memory_size, stage.feature_dim, device=device)
         self.quality = PseudoLabelQuality(num_classes)
         self.generator = torch.Generator(device=device).manual_seed(seed)
-        self.calls = 0
 
-    def fractions(self) -> tuple[float, float]:
+    def fractions(self, state: TrainState) -> tuple[float, float]:
         """(α_t, anchor α_t) of the current epoch (eq. 7, t counted in epochs from 0)."""
-        epoch = min(self.calls // self.steps, self.stage.epochs - 1)
-        factor = u2pl.alpha_schedule(1.0, epoch, self.stage.epochs)
+        factor = u2pl.alpha_schedule(1.0, state.epoch_index, self.stage.epochs)
         return self.stage.alpha0 * factor, self.stage.anchor_alpha * factor
 
-    def __call__(self, model, batch) -> dict[str, torch.Tensor]:
+    def __call__(self, model, batch: TwoStreamBatch, state: TrainState) -> dict[str, torch.Tensor]:
         stage, pair = self.stage, unwrap(model)
-        alpha, anchor_alpha = self.fractions()
-        self.calls += 1
-        n = batch["image_l"].shape[0]
-        images = torch.cat([batch["image_l"], batch["image_u"]])  # (B, 3, H, W)
+        alpha, anchor_alpha = self.fractions(state)
+        n = batch.n_labelled
+        images = batch.joint("image")  # (B, 3, H, W)
         t_logits, t_features = pair.teach(images, both=True)
         probs = F.softmax(t_logits.float(), dim=1)  # (B, C, H, W)
-        padding = ~batch["valid_u"]
+        padding = ~batch.unlabelled["valid"]
         pseudo = u2pl.reliable_pseudo_labels(probs[n:], alpha, padding)  # (B_u, H, W), 255 = unreliable
-        self._measure(pseudo, batch["truth_u"])
+        self._measure(pseudo, batch.unlabelled["mask"])
         logits, features = model(images, both=True)  # student: (B, C, H, W), (B, D, h, w)
         terms = {
-            "sup": masked_cross_entropy(logits[:n], batch["mask_l"]),
+            "sup": masked_cross_entropy(logits[:n], batch.labelled["mask"]),
             "unsup": stage.unsup_weight * u2pl.unsupervised_loss(logits[n:], pseudo, authors_scaling=stage.authors_scaling),
         }
         if stage.contrastive_weight > 0:
             terms["contrastive"] = stage.contrastive_weight * self._contrastive(
-                features, t_features, probs, batch["mask_l"], padding, anchor_alpha, n,
+                features, t_features, probs, batch.labelled["mask"], padding, anchor_alpha, n,
             )
         else:  # keep the projection head in the graph: DDP expects a gradient for every parameter
             terms["contrastive"] = zero_loss(features)
@@ -141,37 +139,41 @@ class U2PLTerms:
     def _measure(self, pseudo: torch.Tensor, truth: torch.Tensor) -> None:
         self.quality.update(pseudo, truth)
 
-    def epoch_quality(self, data: StageData) -> dict[str, float]:
-        """All-reduced quality of this epoch's reliable labels (every rank calls it), then reset."""
-        self.quality.all_reduce()
-        summary = _loggable(quality_summary(self.quality, data))
-        self.quality.reset()
-        return summary
+
+class ReliableLabelQuality(Hook):
+    """Each epoch's quality of the reliable labels U2PL trained on (all-reduced; every rank), then reset."""
+
+    def __init__(self, terms: U2PLTerms, data: StageData):
+        self.terms, self.data = terms, data
+
+    def after_epoch(self, state: TrainState, model: torch.nn.Module) -> None:
+        self.terms.quality.all_reduce()
+        state.metrics.update(loggable(quality_summary(self.terms.quality, self.data)))
+        self.terms.quality.reset()
 
 
-@register_stage("u2pl")
+@register_stage(U2PLStage)
 def run_u2pl(job: StageJob, ctx: WorkerContext) -> dict[str, Any]:
     stage: U2PLStage = job.stage  # type: ignore[assignment]
-    if stage.r_l >= stage.r_h:
-        raise ValueError(f"u2pl: need r_l < r_h, but got r_l={stage.r_l}, r_h={stage.r_h}")
+    config = job.pipeline.data
+    data = prepare_data(config, job.seed)
     model = job.pipeline.model
-    config = multi_head_config(model.name, dict(model.options), shared_blocks="N-1", branch="projection",
-                               projection_dim=stage.feature_dim)
-    job, init = multi_head_job(job, config)
-    data = prepare_data(job.pipeline.data, job.seed)
-    student = multi_head_student(job, data.num_classes, init)
-    pair = MeanTeacher(student, lambda k: ema_decay(k, stage.ema_decay), parameters_only=True, teacher_train_mode=True)
+    model_config = {"num_classes": data.num_classes, **multi_head_config(
+        model.name, dict(model.options), shared_blocks="N-1", branch="projection", projection_dim=stage.feature_dim)}
+    student = multi_head_student(job, model_config)
+    pair = MeanTeacher(student, lambda updates, epoch: ema_decay(updates, stage.ema_decay),
+                       parameters_only=True, teacher_train_mode=True)
 
-    has_truth = all(sample.mask is not None for sample in data.unlabelled)
-    labelled = training_loader(data, data.labelled, job.pipeline.data, ctx, batch_size=stage.batch_size, seed=job.seed)
+    truth = has_ground_truth(data.unlabelled)
+    labelled = training_loader(data, data.labelled, config, ctx, batch_size=stage.batch_size, seed=job.seed)
     unlabelled = training_loader(
-        data, data.unlabelled, job.pipeline.data, ctx, batch_size=stage.unlabelled_batch_size, seed=job.seed + 1,
-        masks="ground_truth" if has_truth else "none",
+        data, data.unlabelled, config, ctx, batch_size=stage.unlabelled_batch_size, seed=job.seed + 1,
+        masks="ground_truth" if truth else "none",
     )
     steps = steps_per_epoch(stage.steps_per_epoch, len(data.unlabelled), stage.unlabelled_batch_size, ctx.world_size)
-    terms = U2PLTerms(stage, steps, data.num_classes, ctx.device, job.seed * 1000 + ctx.rank)
-    return fit(
-        job, ctx, data, batches=paired(cycle(labelled), cycle(unlabelled)), steps_per_epoch=steps,
-        compute_losses=terms, model=pair,
-        on_epoch_end=(lambda epoch, network: terms.epoch_quality(data)) if has_truth else None,
+    terms = U2PLTerms(stage, data.num_classes, ctx.device, job.seed * 1000 + ctx.rank)
+    hooks: list[Hook] = [EmaUpdate(), *([ReliableLabelQuality(terms, data)] if truth else [])]
+    return train_network(
+        job, ctx, data, pair, model_config, batches=two_streams(cycle(labelled), cycle(unlabelled)),
+        steps_per_epoch=steps, compute_losses=terms, hooks=hooks,
     )

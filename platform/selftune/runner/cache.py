@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Iterator
 
 from selftune.config import PipelineConfig
-from selftune.stages.job import SUMMARY
+from selftune.stages import SUMMARY
 
 KEY_LENGTH = 16
 
@@ -56,7 +56,22 @@ class CacheEntry:
         return (self.folder / SUMMARY).is_file()
 
 
+class RunFolders:
+    """A pipeline run's own stage folders ``<out>/<index>-<name>/``: nothing is reused."""
+
+    def __init__(self, root: str | Path):
+        self.root = Path(root)
+
+    @contextmanager
+    def claim(self, index: int, stage_name: str, key: str) -> Iterator[tuple[Path, bool]]:
+        folder = self.root / f"{index}-{stage_name}"
+        folder.mkdir(parents=True)
+        yield folder, False
+
+
 class StageCache:
+    """Stage folders keyed by ``stage_key``: a stage computed once is reused wherever its key recurs."""
+
     def __init__(self, root: str | Path):
         self.root = Path(root)
         self.root.mkdir(parents=True, exist_ok=True)
@@ -65,8 +80,8 @@ class StageCache:
         return CacheEntry(self.root / f"{stage_name}-{key}")
 
     @contextmanager
-    def claim(self, stage_name: str, key: str) -> Iterator[tuple[CacheEntry, bool]]:
-        """Hold the entry's lock; yields ``(entry, hit)``. On a miss the folder is empty and the
+    def claim(self, index: int, stage_name: str, key: str) -> Iterator[tuple[Path, bool]]:
+        """Hold the entry's lock; yields ``(folder, hit)``. On a miss the folder is empty and the
         caller computes into it while other claimants wait; a failed computation leaves no
         ``summary.json``, so the next claimant starts afresh."""
         entry = self.entry(stage_name, key)
@@ -75,11 +90,11 @@ class StageCache:
             fcntl.flock(lock, fcntl.LOCK_EX)  # blocks while another trial computes this stage
             try:
                 if entry.complete:
-                    yield entry, True
+                    yield entry.folder, True
                     return
                 if entry.folder.exists():
                     shutil.rmtree(entry.folder)  # leftovers of a failed or interrupted computation
                 entry.folder.mkdir(parents=True)
-                yield entry, False
+                yield entry.folder, False
             finally:
                 fcntl.flock(lock, fcntl.LOCK_UN)

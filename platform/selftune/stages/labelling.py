@@ -1,0 +1,145 @@
+"""The one labelling pass every labelling kind shares.
+
+A labelling stage chooses a *labeller* — ``(model, batch) -> (B, H, W) labels, 255 = not kept``,
+built from a tensor function of its method module — and ``label_and_measure`` does the rest:
+this worker's shard of the images through the model, one index PNG per image in
+``<stage>/pseudo_labels/<id>.png``, the quality against the unlabelled images' ground truth where
+the dataset has it (the only place selftune reads unlabelled masks), overlays and MLflow metrics.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import numpy as np
+import torch
+from PIL import Image
+from torch import nn
+
+from selftune.data import IGNORE_INDEX, Sample, read_image, read_mask
+from selftune.engine.context import WorkerContext
+from selftune.engine.loop import to_device
+from selftune.metrics import PseudoLabelQuality
+from selftune.models import load_checkpoint
+from selftune.stages.data import StageData, evaluation_loader, has_ground_truth
+from selftune.stages.job import PSEUDO_LABELS_FOLDER, StageJob
+from selftune.tracking.pictures import save_overlay
+
+OVERLAYS = 4  # pictures logged per labelling step
+Labeller = Callable[[nn.Module, dict[str, torch.Tensor]], torch.Tensor]
+
+
+def threshold_labels(probs: torch.Tensor, threshold: float | None) -> torch.Tensor:
+    """(B, C, H, W) probabilities -> (B, H, W) argmax labels, 255 where confidence < threshold."""
+    confidence, labels = probs.max(dim=1)
+    if threshold is not None:
+        labels[confidence < threshold] = IGNORE_INDEX
+    return labels
+
+
+def load_model(path: str | Path, ctx: WorkerContext) -> nn.Module:
+    """A stage's checkpoint, on this worker's device, in eval mode."""
+    model, _ = load_checkpoint(Path(path))
+    return model.to(ctx.device).eval()
+
+
+def write_label_png(path: Path, labels: np.ndarray) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(labels.astype(np.uint8), mode="L").save(path)
+
+
+@torch.no_grad()
+def label_samples(
+    model: nn.Module, samples: Sequence[Sample], data: StageData, job: StageJob, ctx: WorkerContext, out: Path,
+    labeller: Labeller,
+) -> PseudoLabelQuality | None:
+    """Write ``out/<id>.png`` for this worker's shard of ``samples``; return the quality against
+    ground truth summed over all workers (None when the images have no ground truth). Every rank
+    must call it (the quality is all-reduced)."""
+    model = model.to(ctx.device).eval()
+    truth = has_ground_truth(samples)
+    loader = evaluation_loader(data, samples, job.pipeline.data, ctx, masks="ground_truth" if truth else "none")
+    quality = PseudoLabelQuality(data.num_classes)
+    for batch in loader:
+        batch = to_device(batch, ctx.device)
+        labels = labeller(model, batch)  # (B, H, W)
+        for sample_id, sample_labels, (height, width) in zip(batch["id"], labels.cpu().numpy(), batch["size"].tolist()):
+            write_label_png(out / f"{sample_id}.png", sample_labels[:height, :width])  # drop the batch padding
+        if truth:
+            quality.update(labels, batch["mask"])
+    quality.all_reduce()
+    return quality if truth else None
+
+
+def label_and_measure(
+    job: StageJob, ctx: WorkerContext, data: StageData, model: nn.Module, labeller: Labeller, *,
+    samples: Sequence[Sample] | None = None, extra_metrics: dict[str, float] | None = None, what: str = "",
+) -> dict[str, Any]:
+    """Label ``samples`` (default: every unlabelled image), measure and log their quality.
+
+    Metrics go to the stage run with the round as step (0 outside a ``rounds`` group). Returns the
+    summary: pseudo-label quality + ``extra_metrics``.
+    """
+    samples = data.unlabelled if samples is None else list(samples)
+    out = job.output(PSEUDO_LABELS_FOLDER)
+    out.mkdir(parents=True, exist_ok=True)  # exists even when nothing is labelled
+    quality = label_samples(model, samples, data, job, ctx, out, labeller)
+    ctx.report({"labelled": len(samples)})  # a barrier: every worker's PNGs are written
+    summary = {**(quality_summary(quality, data) if quality is not None else {}), **(extra_metrics or {})}
+    if ctx.is_main:
+        log_quality(ctx, summary, step=job.stage.round or 0)
+        if samples:
+            log_overlays(job, ctx, data.only_unlabelled(samples), out)
+    ctx.log(describe(job.stage.name, what, summary, len(samples)))
+    return summary
+
+
+def quality_summary(quality: PseudoLabelQuality, data: StageData) -> dict[str, Any]:
+    result = quality.compute()
+    per_class = dict(zip(data.class_names, result["per_class_iou"]))
+    return {
+        "pseudo_label/miou": result["miou"],
+        "pseudo_label/kept_fraction": result["kept_fraction"],
+        "pseudo_label/class_coverage": result["class_coverage"],
+        "pseudo_label/iou": {f"pseudo_label/iou/{name}": iou for name, iou in per_class.items()},
+    }
+
+
+def loggable(summary: dict[str, Any]) -> dict[str, float]:
+    """A quality summary as flat metrics (per-class IoU unpacked, NaN left out)."""
+    flat = {k: v for k, v in summary.items() if not isinstance(v, dict)}
+    flat.update({k: v for k, v in summary.get("pseudo_label/iou", {}).items() if v == v})
+    return flat
+
+
+def log_quality(ctx: WorkerContext, summary: dict[str, Any], step: int, prefix: str = "") -> None:
+    """Log a ``quality_summary`` (flattened) at ``step``; ``prefix`` renames ``pseudo_label/`` keys."""
+    flat = loggable(summary)
+    if prefix:
+        flat = {k.replace("pseudo_label/", prefix, 1): v for k, v in flat.items()}
+    ctx.tracker.log_metrics(flat, step=step)
+
+
+def log_overlays(job: StageJob, ctx: WorkerContext, data: StageData, labels_dir: Path) -> None:
+    """A few pictures of image | ground truth | pseudo label (white = not kept)."""
+    folder = job.output("overlays")
+    folder.mkdir(parents=True, exist_ok=True)
+    for sample in data.unlabelled[:OVERLAYS]:
+        pseudo = np.array(Image.open(labels_dir / f"{sample.id}.png"))
+        panels = [pseudo]
+        if sample.mask is not None:
+            panels.insert(0, read_mask(sample.mask, data.num_classes, data.index.label_map))
+        name = sample.id.replace("/", "_")
+        path = save_overlay(folder / f"{name}.png", read_image(sample.image), panels, data.num_classes, scale=2)
+        ctx.tracker.log_artifact(path, "pseudo_label_overlays")
+
+
+def describe(name: str, what: str, summary: dict[str, Any], count: int) -> str:
+    what = f" {what}:" if what else ""
+    if "pseudo_label/miou" not in summary:
+        return f"  [{name}]{what} labelled {count} images (no ground truth to measure quality)"
+    return (
+        f"  [{name}]{what} labelled {count} images  pseudo-label mIoU {summary['pseudo_label/miou']:.4f}  "
+        f"kept {100 * summary['pseudo_label/kept_fraction']:.1f}%"
+    )
