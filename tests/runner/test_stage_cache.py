@@ -5,10 +5,9 @@ from __future__ import annotations
 import threading
 import time
 
-import selftune.stages  # noqa: F401
 from selftune.config import load_pipeline
-from selftune.search.cache import StageCache, stage_key
-from selftune.stages.job import SUMMARY
+from selftune.runner import StageCache, stage_key
+from selftune.stages import SUMMARY
 from support import REPO
 
 QUICKSTART = REPO / "pipelines" / "quickstart.yaml"
@@ -47,26 +46,26 @@ def test_numerics_that_change_results_are_in_the_key_but_cpu_count_is_not():
 
 def test_a_miss_then_a_hit(tmp_path):
     cache = StageCache(tmp_path)
-    with cache.claim("supervised", "abc") as (entry, hit):
-        assert not hit and entry.folder.is_dir() and not any(entry.folder.iterdir())
-        (entry.folder / SUMMARY).write_text("{}")
-    with cache.claim("supervised", "abc") as (entry, hit):
+    with cache.claim(0, "supervised", "abc") as (entry, hit):
+        assert not hit and entry.is_dir() and not any(entry.iterdir())
+        (entry / SUMMARY).write_text("{}")
+    with cache.claim(0, "supervised", "abc") as (entry, hit):
         assert hit
-    with cache.claim("supervised", "abd") as (_, hit):
+    with cache.claim(0, "supervised", "abd") as (_, hit):
         assert not hit
 
 
 def test_a_failed_computation_leaves_no_entry_and_is_retried_from_a_clean_folder(tmp_path):
     cache = StageCache(tmp_path)
     try:
-        with cache.claim("s", "k") as (entry, hit):
-            (entry.folder / "half-written.png").write_text("x")
+        with cache.claim(0, "s", "k") as (entry, hit):
+            (entry / "half-written.png").write_text("x")
             raise RuntimeError("worker died")
     except RuntimeError:
         pass
-    with cache.claim("s", "k") as (entry, hit):
+    with cache.claim(0, "s", "k") as (entry, hit):
         assert not hit
-        assert list(entry.folder.iterdir()) == []  # the leftovers are gone
+        assert list(entry.iterdir()) == []  # the leftovers are gone
 
 
 def test_concurrent_claims_wait_for_one_computation(tmp_path):
@@ -75,13 +74,13 @@ def test_concurrent_claims_wait_for_one_computation(tmp_path):
 
     def trial() -> None:
         start.wait()
-        with cache.claim("supervised", "same") as (entry, hit):
+        with cache.claim(0, "supervised", "same") as (entry, hit):
             if hit:
-                hits.append(entry.folder)
+                hits.append(entry)
                 return
-            computed.append(entry.folder)
+            computed.append(entry)
             time.sleep(0.3)  # long enough that the other claimants arrive while this one computes
-            (entry.folder / SUMMARY).write_text("{}")
+            (entry / SUMMARY).write_text("{}")
 
     threads = [threading.Thread(target=trial) for _ in range(4)]
     for thread in threads:

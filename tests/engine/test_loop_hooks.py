@@ -1,0 +1,84 @@
+"""``fit``: hooks are called in the documented order, and the loss sees the training state."""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+import torch
+from torch import nn
+
+from selftune.config import OptimizerConfig
+from selftune.engine.context import WorkerContext
+from selftune.engine.loop import Hook, TrainState, TrainingDiverged, fit
+
+
+class Recorder(Hook):
+    def __init__(self, name: str, log: list):
+        self.name, self.log = name, log
+
+    def __getattribute__(self, attribute):
+        if attribute in ("before_train", "before_epoch", "before_step", "after_step", "after_epoch", "after_train"):
+            return lambda state, model: self.log.append((self.name, attribute, state.epoch, state.step))
+        return super().__getattribute__(attribute)
+
+
+def _batches():
+    torch.manual_seed(0)
+    x = torch.randn(4, 2)
+    return itertools.repeat({"x": x, "y": x.sum(dim=1, keepdim=True)})
+
+
+def _loss(seen: list):
+    def compute(model, batch, state: TrainState):
+        seen.append((state.epoch, state.step))
+        return {"mse": ((model(batch["x"]) - batch["y"]) ** 2).mean()}
+
+    return compute
+
+
+def test_hooks_run_in_the_documented_order_and_the_loss_sees_epoch_and_step():
+    log, seen = [], []
+    state = fit(nn.Linear(2, 1), _batches(), epochs=2, steps_per_epoch=2, compute_losses=_loss(seen),
+                optimizer=OptimizerConfig(lr=0.01), ctx=WorkerContext.local("cpu"),
+                hooks=[Recorder("a", log), Recorder("b", log)])
+    events = [(name, event, epoch, step) for name, event, epoch, step in log if name == "a"]
+    assert events == [
+        ("a", "before_train", 0, 0),
+        ("a", "before_epoch", 1, 0), ("a", "before_step", 1, 0), ("a", "after_step", 1, 1),
+        ("a", "before_step", 1, 1), ("a", "after_step", 1, 2), ("a", "after_epoch", 1, 2),
+        ("a", "before_epoch", 2, 2), ("a", "before_step", 2, 2), ("a", "after_step", 2, 3),
+        ("a", "before_step", 2, 3), ("a", "after_step", 2, 4), ("a", "after_epoch", 2, 4),
+        ("a", "after_train", 2, 4),
+    ]
+    # Every event reaches the hooks in list order: a before b.
+    assert [name for name, *_ in log] == ["a", "b"] * (len(log) // 2)
+    assert seen == [(1, 0), (1, 1), (2, 2), (2, 3)]  # (epoch, steps done before this one)
+    assert state.step == 4 and set(state.metrics) == {"train/loss", "train/loss_mse"}
+
+
+def test_after_epoch_hooks_see_and_extend_the_epochs_metrics():
+    class AddsMetric(Hook):
+        def after_epoch(self, state, model):
+            state.metrics["val/fake"] = 0.5
+
+    class ReadsMetrics(Hook):
+        seen: list = []
+
+        def after_epoch(self, state, model):
+            self.seen.append(dict(state.metrics))
+
+    reader = ReadsMetrics()
+    fit(nn.Linear(2, 1), _batches(), epochs=1, steps_per_epoch=1, compute_losses=_loss([]),
+        optimizer=OptimizerConfig(lr=0.01), ctx=WorkerContext.local("cpu"), hooks=[AddsMetric(), reader])
+    (metrics,) = reader.seen
+    assert metrics["val/fake"] == 0.5 and metrics["train/loss"] == metrics["train/loss_mse"]
+
+
+def test_a_non_finite_loss_ends_training_with_one_clear_error():
+    def nan_loss(model, batch, state):
+        return {"mse": model(batch["x"]).sum() * float("nan")}
+
+    with pytest.raises(TrainingDiverged, match="training diverged.*lower the learning rate"):
+        fit(nn.Linear(2, 1), _batches(), epochs=1, steps_per_epoch=1, compute_losses=nan_loss,
+            optimizer=OptimizerConfig(lr=0.01), ctx=WorkerContext.local("cpu"))
