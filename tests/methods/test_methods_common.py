@@ -78,3 +78,29 @@ def test_resize_labels_is_nearest():
     ]
     big = labels.repeat_interleave(2, 1).repeat_interleave(2, 2)
     assert torch.equal(common.resize_labels(big, (2, 2)), labels)
+
+
+def test_class_weighted_cross_entropy_by_hand():
+    # Two pixels, uniform logits over 2 classes: CE = ln 2 each. Targets 0 and 1, a third ignored.
+    logits = torch.zeros(1, 2, 1, 3, requires_grad=True)
+    target = torch.tensor([[[0, 1, IGNORE]]])
+    weights = torch.tensor([1.0, 3.0])
+    loss = common.class_weighted_cross_entropy(logits, target, weights)
+    # (1 * ln2 + 3 * ln2) / (1 + 3) = ln 2; unequal CEs show the weighting:
+    assert loss.item() == pytest.approx(torch.log(torch.tensor(2.0)).item())
+    skewed = torch.tensor([[[[2.0]], [[0.0]]]]).expand(1, 2, 1, 2).clone()  # pixel CE: class 0 small, class 1 large
+    target2 = torch.tensor([[[0, 1]]])
+    ce = F.cross_entropy(skewed, target2, reduction="none")[0, 0]
+    expected = (1.0 * ce[0] + 3.0 * ce[1]) / 4.0
+    assert common.class_weighted_cross_entropy(skewed, target2, weights).item() == pytest.approx(expected.item())
+    assert common.class_weighted_cross_entropy(skewed, target2, weights).item() == pytest.approx(
+        F.cross_entropy(skewed, target2, weight=weights).item()
+    )
+    loss.backward()  # on the graph
+
+
+def test_class_weighted_cross_entropy_all_ignored_is_zero_on_the_graph():
+    logits = torch.randn(1, 2, 2, 2, requires_grad=True)
+    loss = common.class_weighted_cross_entropy(logits, torch.full((1, 2, 2), IGNORE), torch.tensor([1.0, 2.0]))
+    assert loss.item() == 0.0
+    loss.backward()

@@ -16,8 +16,8 @@ One module per paper (no training loop, no Ray, no I/O here):
 from __future__ import annotations
 
 from selftune.methods import auxnet, common, dst_cbc, saug_dsbn, st_plus_plus, three_stage, u2pl
-from selftune.methods.auxnet import auxiliary_confidence_loss, class_weights, confident_pseudo_labels
-from selftune.methods.common import IGNORE_INDEX, ema_decay, ema_update, masked_cross_entropy
+from selftune.methods.auxnet import auxiliary_confidence_loss, class_weights, confident_pseudo_labels, enet_class_weights
+from selftune.methods.common import IGNORE_INDEX, class_weighted_cross_entropy, ema_decay, ema_update, masked_cross_entropy
 from selftune.methods.dst_cbc import (
     class_balanced_pseudo_labels,
     class_balanced_thresholds,
@@ -53,6 +53,7 @@ __all__ = [
     "class_balanced_pseudo_labels",
     "class_balanced_thresholds",
     "class_balanced_thresholds_reference",
+    "class_weighted_cross_entropy",
     "class_weights",
     "common",
     "confident_pseudo_labels",
@@ -63,6 +64,7 @@ __all__ = [
     "dynamic_self_training_loss",
     "ema_decay",
     "ema_update",
+    "enet_class_weights",
     "entropy",
     "entropy_reliable_mask",
     "masked_cross_entropy",

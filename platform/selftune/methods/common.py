@@ -12,6 +12,7 @@ from torch import nn
 
 __all__ = [
     "IGNORE_INDEX",
+    "class_weighted_cross_entropy",
     "ema_decay",
     "ema_update",
     "masked_cross_entropy",
@@ -44,6 +45,23 @@ def masked_cross_entropy(
     """
     count = (target != ignore_index).sum().clamp(min=1)  # no host sync: 0 / 1 when all are ignored
     return F.cross_entropy(logits, target, ignore_index=ignore_index, reduction="sum") / count
+
+
+def class_weighted_cross_entropy(
+    logits: torch.Tensor, target: torch.Tensor, class_weights: torch.Tensor, ignore_index: int = IGNORE_INDEX
+) -> torch.Tensor:
+    """Class-weighted cross-entropy ``sum w_y CE / sum w_y`` over the non-ignored pixels.
+
+    logits: (B, C, H, W); target: (B, H, W) long; class_weights: (C,) (e.g.
+    ``auxnet.enet_class_weights``). The normalisation by the summed weights of the targets is
+    ``F.cross_entropy(weight=...)``'s (and ENet's weighted criterion's); every pixel ignored -> 0
+    with the graph kept.
+    """
+    weight = class_weights.to(logits.device, logits.dtype)
+    total = F.cross_entropy(logits, target, weight=weight, ignore_index=ignore_index, reduction="sum")
+    valid = target != ignore_index
+    norm = weight[torch.where(valid, target, torch.zeros_like(target))][valid].sum()
+    return total / norm.clamp(min=torch.finfo(norm.dtype).tiny)
 
 
 def resize_labels(labels: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
