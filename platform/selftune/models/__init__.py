@@ -7,7 +7,7 @@ imports ``selftune.models`` (a fresh Ray worker sees what the driver sees).
 from __future__ import annotations
 
 from selftune.models.checkpoint import load_checkpoint, save_checkpoint
-from selftune.models.network import BlockInfo, SegmentationNetwork
+from selftune.models.network import BlockInfo, SegmentationNetwork, parameter_groups
 from selftune.models.registry import available_models, build_model, register_model
 
 # Model modules register themselves on import.
@@ -21,6 +21,7 @@ __all__ = [
     "available_models",
     "build_model",
     "load_checkpoint",
+    "parameter_groups",
     "register_model",
     "save_checkpoint",
 ]
