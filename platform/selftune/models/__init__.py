@@ -12,6 +12,7 @@ from selftune.models.registry import available_models, build_model, register_mod
 
 # Model modules register themselves on import.
 from selftune.models import deeplabv2  # noqa: F401  deeplabv2_resnet50, deeplabv2_resnet101
+from selftune.models import deeplabv2_caffe  # noqa: F401  deeplabv2_caffe_resnet101, deeplabv2 (= deeplabv2_resnet101)
 from selftune.models import multi_head  # noqa: F401  multi_head (any registered network + a second branch)
 from selftune.models import small  # noqa: F401  small_segnet
 
