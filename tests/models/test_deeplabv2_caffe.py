@@ -48,7 +48,8 @@ def test_caffe_input_is_bgr_0_255_minus_the_caffe_mean():
     mean, std = torch.tensor([0.485, 0.456, 0.406]), torch.tensor([0.229, 0.224, 0.225])
     normalised = ((rgb / 255 - mean) / std).view(1, 3, 1, 1)  # what the loaders hand over
     out = CaffeInput()(normalised).view(3)
-    assert out.tolist() == pytest.approx([30 - CAFFE_BGR_MEAN[0], 20 - CAFFE_BGR_MEAN[1], 10 - CAFFE_BGR_MEAN[2]], abs=1e-4)
+    expected = [30 - CAFFE_BGR_MEAN[0], 20 - CAFFE_BGR_MEAN[1], 10 - CAFFE_BGR_MEAN[2]]
+    assert out.tolist() == pytest.approx(expected, abs=1e-4)
     assert list(CaffeInput().state_dict()) == []  # no keys: checkpoints stay those of the network
 
 
@@ -85,12 +86,14 @@ def test_a_mismatching_checkpoint_is_refused_naming_the_first_keys(tmp_path):
     checkpoint["Scale.layer6.extra.weight"] = torch.zeros(1)
     path = tmp_path / "bad.pth"
     torch.save(checkpoint, path)
-    with pytest.raises(ConfigError, match=r"missing keys 1 \(layer2\.0\.conv1\.weight\).*unexpected keys 1 \(Scale\.layer6\.extra\.weight\)"):
+    named = r"missing keys 1 \(layer2\.0\.conv1\.weight\).*unexpected keys 1 \(Scale\.layer6\.extra\.weight\)"
+    with pytest.raises(ConfigError, match=named):
         _tiny(pretrained=str(path))
     checkpoint = _as_deeplab_checkpoint(_tiny())
     checkpoint["Scale.conv1.weight"] = torch.zeros(5, 3, 7, 7)
     torch.save(checkpoint, path)
-    with pytest.raises(ConfigError, match=r"wrong-shaped keys 1 \(Scale\.conv1\.weight \(5, 3, 7, 7\) != \(4, 3, 7, 7\)"):
+    wrong = r"wrong-shaped keys 1 \(Scale\.conv1\.weight \(5, 3, 7, 7\) != \(4, 3, 7, 7\)"
+    with pytest.raises(ConfigError, match=wrong):
         _tiny(pretrained=str(path))
     # a torchvision file is not a DeepLab one: its fc.* has no place here
     torch.save({**_as_deeplab_checkpoint(_tiny(), ""), "fc.weight": torch.zeros(2, 2)}, path)

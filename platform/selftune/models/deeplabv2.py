@@ -8,7 +8,8 @@ fixed by the paper, stated here:
   ``replace_stride_with_dilation=[False, True, True]`` does: the *first* Bottleneck of a dilated
   layer keeps the previous dilation (1 in ``layer3``, 2 in ``layer4``), the following ones use the
   new one. The Caffe DeepLabv2 puts the stride on ``conv1`` and dilates every block of a layer;
-  we follow torchvision so that its ImageNet weights load without any renaming.
+  we follow torchvision so that its ImageNet weights load without any renaming. The Caffe
+  variant, for DeepLab's COCO weights, is ``deeplabv2_caffe_resnet101`` (``deeplabv2_caffe.py``).
 * State-dict keys equal torchvision's once the block prefix is stripped: ``blocks.stem.conv1.weight``
   is torchvision's ``conv1.weight``, ``blocks.layer3.0.downsample.0.weight`` is
   ``layer3.0.downsample.0.weight``. ``load_torchvision_resnet_weights`` relies on this.

@@ -67,7 +67,8 @@ class CaffeInput(nn.Module):
         std_bgr = torch.tensor(IMAGENET_STD[::-1])
         mean_bgr = torch.tensor(IMAGENET_MEAN[::-1])
         self.register_buffer("scale", (255.0 * std_bgr).view(1, 3, 1, 1), persistent=False)
-        self.register_buffer("shift", (255.0 * mean_bgr - torch.tensor(CAFFE_BGR_MEAN)).view(1, 3, 1, 1), persistent=False)
+        shift = 255.0 * mean_bgr - torch.tensor(CAFFE_BGR_MEAN)
+        self.register_buffer("shift", shift.view(1, 3, 1, 1), persistent=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return x.flip(1) * self.scale.to(x.dtype) + self.shift.to(x.dtype)
