@@ -63,9 +63,27 @@ def test_with_mult_1_a_step_equals_the_flat_parameter_list_bit_for_bit():
     assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), twin.state_dict().values()))
 
 
-def test_bad_multiplier_and_headless_models_are_refused():
+class _StudentTeacher(torch.nn.Module):
+    """Like stages.teacher.MeanTeacher: a student and a frozen copy as the EMA teacher."""
+
+    def __init__(self, student):
+        super().__init__()
+        self.student = student
+        self.teacher = copy.deepcopy(student).requires_grad_(False)
+
+
+def test_a_student_teacher_pair_groups_the_students_parameters_only():
+    student = build_model("multi_head", NUM_CLASSES, base="small_segnet", base_options={"width": 8})
+    groups = parameter_groups(_StudentTeacher(student), 0.01, 10)
+    assert sorted(_ids(p for g in groups for p in g["params"])) == sorted(_ids(student.parameters()))
+    assert set(_ids(groups[1]["params"])) == set(_ids(student.head.parameters()))
+
+
+def test_bad_multiplier_and_headless_models():
     model = build_model("small_segnet", NUM_CLASSES, width=8)
     with pytest.raises(ValueError, match="head_lr_mult must be > 0"):
         parameter_groups(model, 0.01, 0)
-    with pytest.raises(ValueError, match="no head module"):
+    with pytest.raises(ValueError, match="holds no SegmentationNetwork head"):
         parameter_groups(torch.nn.Linear(2, 2), 0.01, 10)
+    only = parameter_groups(torch.nn.Linear(2, 2), 0.01, 1)  # e.g. the auxiliary confidence net
+    assert [g["name"] for g in only] == ["backbone"] and len(only[0]["params"]) == 2

@@ -62,23 +62,29 @@ def _bare(model: nn.Module) -> nn.Module:
 def parameter_groups(model: nn.Module, base_lr: float, head_lr_mult: float = 1.0) -> list[dict[str, Any]]:
     """Optimizer parameter groups: the backbone at ``base_lr``, the head at ``head_lr_mult * base_lr``.
 
-    The head is everything under the network's ``head`` module — DeepLabv2's ASPP classifier, a
-    ``multi_head`` network's main head and its whole branch (U2PL's projection head, the
-    three-stage second task head) — the new layers that DeepLab-family training runs at 10x
-    the pretrained backbone's rate; the backbone is everything else (the ``blocks``). Only
-    parameters with ``requires_grad`` are listed (a frozen BN's are not), each exactly once, in
+    The head is everything under the ``head`` module of every ``SegmentationNetwork`` in
+    ``model`` — DeepLabv2's ASPP classifier, a ``multi_head`` network's main head and its whole
+    branch (U2PL's projection head, the three-stage second task head) — the new layers that
+    DeepLab-family training runs at 10x the pretrained backbone's rate; the backbone is everything
+    else. ``model`` may be a network, a wrapper holding one (a student + EMA teacher pair, DDP,
+    torch.compile): the parameters are the same objects. Only parameters with ``requires_grad``
+    are listed (a frozen BN's or an EMA teacher's are not), each exactly once, in
     ``model.parameters()`` order. Groups: ``[{"name": "backbone", ...}, {"name": "head", ...}]``,
-    an empty group left out. ``model`` may be wrapped (DDP, compiled): the parameters are the
-    same objects. Per-group learning rates are what ``torch.optim.lr_scheduler`` schedulers
-    scale, each relative to its own initial lr.
+    an empty group left out; a model without a segmentation head (the auxiliary confidence net)
+    is one "backbone" group, which only ``head_lr_mult = 1`` accepts. Schedulers of
+    ``torch.optim.lr_scheduler`` scale each group relative to its own initial lr.
     """
     if head_lr_mult <= 0:
         raise ValueError(f"head_lr_mult must be > 0, but got {head_lr_mult}")
-    bare = _bare(model)
-    head = getattr(bare, "head", None)
-    if not isinstance(head, nn.Module):
-        raise ValueError(f"parameter_groups: {type(bare).__name__} has no head module; expected a SegmentationNetwork")
-    head_ids = {id(p) for p in head.parameters()}
+    head_ids = {
+        id(p) for module in _bare(model).modules() if isinstance(module, SegmentationNetwork)
+        for p in module.head.parameters()
+    }
+    if not head_ids and head_lr_mult != 1.0:
+        raise ValueError(
+            f"parameter_groups: {type(_bare(model)).__name__} holds no SegmentationNetwork head, so "
+            f"head_lr_mult={head_lr_mult} has nothing to apply to; use 1"
+        )
     trainable = [p for p in model.parameters() if p.requires_grad]
     groups = [
         {"name": "backbone", "params": [p for p in trainable if id(p) not in head_ids], "lr": base_lr},
