@@ -3,11 +3,14 @@ the cut pixels, and the dataset's strong view shares the weak view's geometry.""
 
 from __future__ import annotations
 
+import albumentations as A
+import cv2
 import numpy as np
 import pytest
 
 from selftune.data import SegmentationDataset, saug_augmentation, st_plus_plus_augmentation, SAUG_OPS
 from selftune.data.index import Sample
+from selftune.data.transforms import seeded
 from selftune.errors import ConfigError
 
 
@@ -30,14 +33,45 @@ def test_zero_magnitude_zero_ops_is_the_identity(image_and_mask):
     assert np.array_equal(saug_augmentation(0, 0.5)(image=image, mask=mask)["image"], image)
 
 
-def test_the_pool_applies_n_distinct_ops():
-    transform = saug_augmentation(3, 0.5)
-    some_of = transform.transforms[0]
-    assert some_of.n == 3 and len(some_of.transforms) == len(SAUG_OPS) and some_of.replace is False
+def test_the_pool_draws_n_ops_with_replacement_by_default():
+    some_of = saug_augmentation(3, 0.5).transforms[0]
+    assert some_of.n == 3 and len(some_of.transforms) == len(SAUG_OPS) and some_of.replace is True
+    assert saug_augmentation(3, 0.5, replace=False).transforms[0].replace is False
+    assert saug_augmentation(20, 0.5).transforms[0].n == 20  # more draws than ops: fine with replacement
+
+
+def _outcomes(replace: bool, image) -> list[str]:
+    """Which of invert / equalize / both / neither each of 40 seeded draws of 2 ops amounts to."""
+    transform = seeded(saug_augmentation(2, 0.5, ops=["invert_channel", "equalize"], replace=replace), seed=3)
+    inverted = 255 - image
+    results = {"neither": image, "equalize": cv2.equalizeHist(image), "both": cv2.equalizeHist(inverted)}
+    names = []
+    for _ in range(40):
+        out = transform(image=image)["image"]
+        names.append(next((name for name, value in results.items() if np.array_equal(out, value)), "other"))
+    return names
+
+
+def test_with_replacement_an_op_can_come_twice():
+    # A 1-channel ramp: invert twice is the identity, equalize twice is equalize.
+    image = np.tile(np.arange(0, 200, 4, dtype=np.uint8), (8, 1))
+    with_replacement = _outcomes(True, image)
+    assert {"neither", "equalize", "both"} <= set(with_replacement) and "other" not in with_replacement
+    assert set(_outcomes(False, image)) == {"both"}  # always the two distinct ops, in pool order
+
+
+def test_without_replacement_is_the_former_pipeline_bit_for_bit(image_and_mask):
+    image, mask = image_and_mask
+    former = A.Compose([A.SomeOf([SAUG_OPS[name](0.7) for name in SAUG_OPS], n=3, replace=False, p=1)])
+    now = saug_augmentation(3, 0.7, replace=False)
+    seeded(former, seed=11), seeded(now, seed=11)
+    for _ in range(5):
+        assert np.array_equal(former(image=image, mask=mask)["image"], now(image=image, mask=mask)["image"])
 
 
 @pytest.mark.parametrize(("kwargs", "message"), [
-    ({"n_ops": 99}, "n_ops must be in 0..17"),
+    ({"n_ops": 99, "replace": False}, "n_ops must be in 0..17 without replacement"),
+    ({"n_ops": -1}, "n_ops must be >= 0"),
     ({"magnitude": 1.5}, r"magnitude must be in \[0, 1\]"),
     ({"ops": ["warp_drive"]}, "op 'warp_drive' is unknown"),
 ])

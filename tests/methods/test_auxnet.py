@@ -75,3 +75,25 @@ def test_correctness_target_and_confident_pseudo_labels():
     labels = auxnet.confident_pseudo_labels(prediction, confidence, t_aux=0.9)
     assert labels.tolist() == [[[1, 2, IGNORE, IGNORE]]]  # >= T_aux kept
     assert torch.equal(auxnet.confident_pseudo_labels(prediction, confidence[:, 0], 0.0), prediction)
+
+
+def test_enet_class_weights_from_masks_by_hand():
+    # 8 counted pixels: class 0 x4, class 1 x3, class 2 x1, class 3 never; two 255 pixels ignored.
+    masks = [torch.tensor([[0, 0, 1, 255]]), torch.tensor([[0, 0, 1, 1, 2, 255]])]
+    weights = auxnet.enet_class_weights(masks, 4)  # c = 1.1, seed 004 §4.2
+    expected = [1 / math.log(1.1 + 4 / 8), 1 / math.log(1.1 + 3 / 8), 1 / math.log(1.1 + 1 / 8), 1 / math.log(1.1)]
+    assert weights.tolist() == pytest.approx(expected)  # [2.128, 2.572, 4.930, 10.49]
+    # the same from pixel counts, and from one stacked tensor
+    assert auxnet.enet_class_weights(torch.tensor([4, 3, 1, 0]), 4).tolist() == pytest.approx(expected)
+    assert auxnet.enet_class_weights(torch.tensor([[0, 0, 1, 255], [0, 0, 1, 1]]), 3, c=1.02).tolist() == pytest.approx(
+        [1 / math.log(1.02 + 4 / 7), 1 / math.log(1.02 + 3 / 7), 1 / math.log(1.02)]
+    )
+
+
+def test_enet_class_weights_refuse_bad_input():
+    with pytest.raises(ValueError, match="pixel counts"):
+        auxnet.enet_class_weights(torch.tensor([1, 2]), 3)
+    with pytest.raises(ValueError, match="no labelled pixel"):
+        auxnet.enet_class_weights([torch.full((2, 2), 255)], 3)
+    with pytest.raises(ValueError, match=r"0\.\.2"):
+        auxnet.enet_class_weights([torch.tensor([0, 5])], 3)

@@ -136,3 +136,63 @@ def test_convert_to_dsbn_copies_into_both_and_keeps_eval_output():
     plain = saug_dsbn.convert_from_dsbn(converted)
     assert set(plain.state_dict()) == original_keys
     assert torch.allclose(plain(x), before)
+
+
+# --------------------------------------------------------------------------------------------
+# DSBN on a frozen-BN network (frozen_bn: true)
+# --------------------------------------------------------------------------------------------
+
+
+def _frozen_net(**convert) -> nn.Module:
+    from selftune.models.deeplabv2 import FrozenBatchNorm2d
+
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(1, 2, 1), FrozenBatchNorm2d(2))
+    return saug_dsbn.convert_to_dsbn(net, **convert)
+
+
+def _one_step(model: nn.Module) -> None:
+    """One training step: weak images through the normal BN, shifted strong images through the PBN."""
+    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
+    model.train()
+    weak = torch.randn(4, 1, 3, 3, generator=torch.Generator().manual_seed(1))
+    strong = 3.0 + 2.0 * torch.randn(4, 1, 3, 3, generator=torch.Generator().manual_seed(2))
+    loss = model(weak).square().mean()
+    with saug_dsbn.use_strong_bn(model):
+        loss = loss + model(strong).square().mean()
+    loss.backward()
+    optimizer.step()
+
+
+def test_frozen_bn_gets_a_trainable_strong_bn_whose_statistics_move():
+    model = _frozen_net()
+    dual = model[1]
+    assert type(dual.strong) is nn.BatchNorm2d and dual.strong.weight.requires_grad
+    saug_dsbn.check_strong_bn_trainable(model)  # accepted
+    normal_before = {k: v.clone() for k, v in dual.normal.state_dict().items()}
+    assert torch.equal(dual.strong.running_mean, normal_before["running_mean"])  # both start equal
+    _one_step(model)
+    assert all(torch.equal(v, normal_before[k]) for k, v in dual.normal.state_dict().items())  # still frozen
+    assert not torch.allclose(dual.strong.running_mean, dual.normal.running_mean)
+    assert not torch.allclose(dual.strong.running_var, dual.normal.running_var)
+    assert not torch.equal(dual.strong.weight, dual.normal.weight)  # the PBN's affine trained
+
+
+def test_trainable_bns_get_different_statistics_from_different_inputs():
+    torch.manual_seed(0)
+    model = saug_dsbn.convert_to_dsbn(nn.Sequential(nn.Conv2d(1, 2, 1), nn.BatchNorm2d(2)))
+    _one_step(model)
+    dual = model[1]
+    assert not torch.allclose(dual.strong.running_mean, dual.normal.running_mean)
+
+
+def test_the_former_frozen_copy_is_refused_by_the_check():
+    model = _frozen_net(unfreeze_strong=False)
+    dual = model[1]
+    before = dual.strong.running_mean.clone()
+    _one_step(model)
+    assert torch.equal(dual.strong.running_mean, before)  # a frozen PBN: DSBN did nothing
+    with pytest.raises(ValueError, match="strong BatchNorms are frozen"):
+        saug_dsbn.check_strong_bn_trainable(model)
+    with pytest.raises(ValueError, match="no DualBatchNorm2d"):
+        saug_dsbn.check_strong_bn_trainable(nn.Sequential(nn.BatchNorm2d(1)))

@@ -135,3 +135,98 @@ def test_transformed_teacher_labels():
     assert labels.tolist() == [[[1, 0, 1]]]
     shifted = three_stage.transformed_teacher_labels(teacher, _transform(offset=(2 / 3, 0.0)))
     assert shifted.tolist() == [[[0, 1, IGNORE]]]
+
+
+# --------------------------------------------------------------------------------------------
+# B moves the target with the image: translate, shear, all ops together; Cutout
+# --------------------------------------------------------------------------------------------
+
+
+def _square(size: int, top: int, left: int, side: int, cls: int = 1) -> torch.Tensor:
+    labels = torch.zeros(1, size, size, dtype=torch.long)
+    labels[0, top:top + side, left:left + side] = cls
+    return labels
+
+
+@pytest.mark.parametrize("k", [1, 3])
+def test_translate_by_k_pixels_moves_image_and_mask_by_k(k):
+    labels = _square(8, top=2, left=2, side=3)
+    image = F.one_hot(labels, 2).permute(0, 3, 1, 2).float()  # (1, 2, 8, 8): channel 1 is the square
+    right_by_k = _transform(offset=(-2 * k / 8, 0.0))  # normalised units: 2 / W per pixel
+    moved_labels = three_stage.apply_geometric_transform(labels, right_by_k, mode="nearest")
+    moved_image = three_stage.apply_geometric_transform(image, right_by_k)
+    expected = _square(8, top=2, left=2 + k, side=3)
+    expected[0, :, :k] = IGNORE  # the k columns brought in from outside
+    assert torch.equal(moved_labels, expected)
+    assert torch.allclose(moved_image[0, 1], _square(8, 2, 2 + k, 3)[0].float(), atol=1e-6)  # bilinear, exact shift
+
+
+def test_shear_by_hand():
+    # 5 x 5, k_x = 1: output (r, c) reads input (r, c + (r - 2)) in centred pixel units; outside -> 255
+    labels = torch.arange(25).view(1, 5, 5)
+    sheared = GeometricTransform(
+        torch.zeros(1, dtype=torch.bool), torch.ones(1), torch.zeros(1, 2), torch.zeros(1), torch.tensor([[1.0, 0.0]])
+    )
+    out = three_stage.apply_geometric_transform(labels, sheared, mode="nearest")
+    expected = [[labels[0, r, c + r - 2].item() if 0 <= c + r - 2 < 5 else IGNORE for c in range(5)] for r in range(5)]
+    assert out[0].tolist() == expected
+    assert out[0, 2].tolist() == labels[0, 2].tolist()  # the centre row does not move
+
+
+def test_rotation_of_a_constructed_mask_equals_rot90():
+    labels = _square(6, top=0, left=1, side=2, cls=3) + 2 * _square(6, top=3, left=4, side=2)
+    quarter = three_stage.apply_geometric_transform(labels, _transform(rotation=math.pi / 2), mode="nearest")
+    assert torch.equal(quarter, torch.rot90(labels, 1, dims=(-2, -1)))
+    image = F.one_hot(labels, 4).permute(0, 3, 1, 2).float()
+    assert torch.allclose(three_stage.apply_geometric_transform(image, _transform(rotation=math.pi / 2)),
+                          torch.rot90(image, 1, dims=(-2, -1)), atol=1e-5)
+
+
+def test_all_ops_together_keep_image_and_mask_aligned():
+    generator = torch.Generator().manual_seed(4)
+    labels = _blocky_labels(batch=6, size=32, block=8, classes=5, seed=3)
+    one_hot = F.one_hot(labels, 5).permute(0, 3, 1, 2).float()
+    params = three_stage.sample_geometric_transform(
+        6, generator, scale_range=(0.8, 1.5), max_rotation_degrees=30, max_shear=0.3, max_translate=10 / 32,
+    )
+    assert params.shear is not None and params.shear.abs().max() <= 0.3
+    moved_labels = three_stage.apply_geometric_transform(labels, params, mode="nearest")
+    valid = three_stage.transform_valid_mask(params, (32, 32))
+    assert torch.equal(moved_labels == IGNORE, ~valid)
+    nearest_image = three_stage.apply_geometric_transform(one_hot, params, mode="nearest")
+    assert torch.equal(nearest_image.argmax(1)[valid], moved_labels[valid])
+    bilinear = three_stage.apply_geometric_transform(one_hot, params).argmax(1)
+    assert (bilinear[valid] == moved_labels[valid]).float().mean() > 0.9
+
+
+def test_new_options_off_leave_the_former_draws_unchanged():
+    former = three_stage.sample_geometric_transform(4, torch.Generator().manual_seed(9), max_rotation_degrees=10)
+    now = three_stage.sample_geometric_transform(
+        4, torch.Generator().manual_seed(9), max_rotation_degrees=10, max_shear=0.0, max_translate=0.0
+    )
+    assert now.shear is None and torch.equal(former.theta((5, 7)), now.theta((5, 7)))
+    with_extras = three_stage.sample_geometric_transform(
+        4, torch.Generator().manual_seed(9), max_rotation_degrees=10, max_shear=0.2, max_translate=0.1
+    )
+    # the former parameters are drawn first, then the new ones
+    assert torch.equal(with_extras.rotation, former.rotation) and torch.equal(with_extras.scale, former.scale)
+    with pytest.raises(ValueError, match="max_shear"):
+        three_stage.sample_geometric_transform(2, max_shear=-0.1)
+
+
+def test_cutout_squares_by_hand_and_clipped_at_the_border():
+    images = torch.ones(2, 3, 4, 4)
+    cut = torch.zeros(2, 4, 4, dtype=torch.bool)
+    cut[0, 1:3, 1:3] = True
+    out = three_stage.apply_cutout(images, cut, fill=0.0)
+    assert out[0, :, 1:3, 1:3].eq(0).all() and out[0].sum() == 3 * (16 - 4) and out[1].eq(1).all()
+    generator = torch.Generator().manual_seed(0)
+    for _ in range(10):
+        mask = three_stage.cutout_mask(4, 20, 24, generator, holes=1, size=6)
+        for one in mask:
+            rows, cols = one.any(1).nonzero()[:, 0], one.any(0).nonzero()[:, 0]
+            assert one.sum() == len(rows) * len(cols) and 1 <= len(rows) <= 6 and 1 <= len(cols) <= 6
+    # a square larger than twice the image cuts everything, wherever its centre falls
+    assert three_stage.cutout_mask(2, 5, 5, generator, holes=1, size=10).all()
+    # the authors' default: 3 squares of 32 px, at most 3 * 32 * 32 pixels
+    assert three_stage.cutout_mask(8, 64, 64, generator).sum(dim=(1, 2)).le(3 * 32 * 32).all()

@@ -210,3 +210,49 @@ def test_contrastive_term_is_zero_with_fewer_than_two_classes():
     assert num_valid == 1
     loss = u2pl.memory_bank_contrastive_loss(samples, num_valid, 0.5, like=student)
     assert loss.item() == 0.0 and loss.requires_grad
+
+
+# --------------------------------------------------------------------------------------------
+# The memory bank under DDP: every worker holds the same keys
+# --------------------------------------------------------------------------------------------
+
+
+def _rank_keys(rank: int, cls: int) -> torch.Tensor:
+    """Different keys, in different numbers, per rank and class (rank 0 has none for class 1)."""
+    count = {(0, 0): 3, (1, 0): 1, (0, 1): 0, (1, 1): 2}[(rank, cls)]
+    return torch.arange(count * 2, dtype=torch.float32).view(count, 2) + 100 * rank + 10 * cls
+
+
+def _bank_worker(rank: int, world_size: int, init_file: str) -> None:
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size)
+    try:
+        bank = u2pl.ClassMemoryBank(2, [3, 5], 2)
+        local = u2pl.ClassMemoryBank(2, [3, 5], 2, gather=False)
+        for cls in range(2):
+            bank.enqueue(cls, _rank_keys(rank, cls))
+            local.enqueue(cls, _rank_keys(rank, cls))
+        # class 0: 3 + 1 keys gathered, capacity 3 keeps the newest (rank 0's last two, rank 1's one)
+        assert torch.equal(bank.keys(0), torch.cat([_rank_keys(0, 0), _rank_keys(1, 0)])[-3:])
+        assert torch.equal(bank.keys(1), _rank_keys(1, 1))
+        gathered = [torch.empty(3 + 2, 2) for _ in range(world_size)]
+        dist.all_gather(gathered, torch.cat([bank.keys(0), bank.keys(1)]))
+        assert torch.equal(gathered[0], gathered[1])  # both workers hold the same bank
+        assert torch.equal(local.keys(0), _rank_keys(rank, 0))  # gather=False: per worker
+    finally:
+        dist.destroy_process_group()
+
+
+def test_memory_bank_is_the_same_on_two_gloo_workers(tmp_path):
+    import torch.multiprocessing as mp
+
+    # The assertions run inside each worker; mp.spawn re-raises a worker's AssertionError here.
+    mp.spawn(_bank_worker, args=(2, str(tmp_path / "rendezvous")), nprocs=2, join=True)
+
+
+def test_memory_bank_without_a_process_group_is_unchanged():
+    bank = u2pl.ClassMemoryBank(1, 3, 2)
+    bank.enqueue(0, torch.ones(2, 2))
+    bank.enqueue(0, 2 * torch.ones(2, 2))
+    assert bank.keys(0).tolist() == [[1, 1], [2, 2], [2, 2]]

@@ -28,6 +28,7 @@ def test_hand_worked_example():
     result = quality.compute()
     assert result["kept_fraction"] == pytest.approx(3 / 7)
     assert result["class_coverage"] == pytest.approx(7 / 18)
+    assert result["per_class_coverage"] == pytest.approx([1 / 2, 2 / 3, 0.0])
     assert result["miou"] == pytest.approx(1 / 2)
     assert result["pixel_accuracy"] == pytest.approx(2 / 3)
     assert result["per_class_iou"][:2] == pytest.approx([1 / 2, 1 / 2]) and math.isnan(result["per_class_iou"][2])
@@ -49,6 +50,15 @@ def test_everything_kept_equals_the_plain_confusion_matrix():
     # class 0: TP 2, row 3, col 2 -> 2/3;  class 1: TP 1, row 1, col 2 -> 1/2
     assert result["per_class_iou"] == pytest.approx([2 / 3, 1 / 2])
     assert (result["kept_fraction"], result["class_coverage"]) == (1.0, 1.0)
+
+
+def test_per_class_coverage_is_nan_for_a_class_without_ground_truth():
+    quality = PseudoLabelQuality(3)
+    # class 0: 3 pixels, 1 kept; class 1: 1 pixel, kept; class 2: never in the ground truth
+    quality.update(torch.tensor([0, NOT_KEPT, NOT_KEPT, 2]), torch.tensor([0, 0, 0, 1]))
+    coverage = quality.compute()["per_class_coverage"]
+    assert coverage[:2] == pytest.approx([1 / 3, 1.0]) and math.isnan(coverage[2])
+    assert quality.compute()["class_coverage"] == pytest.approx((1 / 3 + 1.0) / 2)
 
 
 def test_nothing_seen_gives_nan_not_an_error():

@@ -14,7 +14,7 @@ NUM_CLASSES = 3
 
 
 def test_registry_holds_the_shipped_models():
-    assert {"small_segnet", "deeplabv2_resnet50", "deeplabv2_resnet101"} <= set(available_models())
+    assert {"small_segnet", "deeplabv2_resnet50", "deeplabv2_resnet101", "multi_head"} <= set(available_models())
 
 
 @pytest.mark.parametrize("name", available_models())

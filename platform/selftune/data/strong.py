@@ -47,19 +47,28 @@ SAUG_OPS: dict[str, Callable[[float], A.BasicTransform]] = {
 }
 
 
-def saug_augmentation(n_ops: int = 2, magnitude: float = 0.5, *, ops: list[str] | None = None) -> A.Compose:
-    """``n_ops`` operations drawn per image (without replacement) from the SAUG pool."""
+def saug_augmentation(
+    n_ops: int = 2, magnitude: float = 0.5, *, ops: list[str] | None = None, replace: bool = True
+) -> A.Compose:
+    """``n_ops`` operations drawn per image from the SAUG pool, applied in pool order.
+
+    ``replace=True`` (the paper's sampling) draws with replacement, so an op may come twice and
+    ``n_ops`` may exceed the pool; ``replace=False`` draws ``n_ops`` distinct ops (selftune's
+    sampling before issue 14, kept bit-for-bit for runs that must reproduce it).
+    """
     names = ops or list(SAUG_OPS)
     unknown = [name for name in names if name not in SAUG_OPS]
     if unknown:
         raise ConfigError(f"strong augmentation op {unknown[0]!r} is unknown; the SAUG pool is: {', '.join(SAUG_OPS)}")
-    if not 0 <= n_ops <= len(names):
-        raise ConfigError(f"strong augmentation n_ops must be in 0..{len(names)}, got {n_ops}")
+    if replace and n_ops < 0:
+        raise ConfigError(f"strong augmentation n_ops must be >= 0, got {n_ops}")
+    if not replace and not 0 <= n_ops <= len(names):
+        raise ConfigError(f"strong augmentation n_ops must be in 0..{len(names)} without replacement, got {n_ops}")
     if not 0.0 <= magnitude <= 1.0:
         raise ConfigError(f"strong augmentation magnitude must be in [0, 1], got {magnitude}")
     if n_ops == 0:
         return A.Compose([])
-    return A.Compose([A.SomeOf([SAUG_OPS[name](magnitude) for name in names], n=n_ops, replace=False, p=1)])
+    return A.Compose([A.SomeOf([SAUG_OPS[name](magnitude) for name in names], n=n_ops, replace=replace, p=1)])
 
 
 def st_plus_plus_augmentation(*, cutout_p: float = 0.5) -> A.Compose:

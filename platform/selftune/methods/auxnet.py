@@ -5,6 +5,9 @@ pixel, "the segmentation is correct here" with the weighted binary cross-entropy
 keeps the pixels whose predicted confidence reaches ``T_aux`` as pseudo labels.
 
 * ``class_probability`` / ``class_weights``: ENet-style ``W = 1 / ln(c + p_class)``.
+* ``enet_class_weights``: the same weights straight from labelled masks (or their pixel counts),
+  with §4.2's c = 1.1 for the segmentation network's class-weighted cross-entropy
+  (``common.class_weighted_cross_entropy``).
 * ``correctness_target``: the auxiliary ground truth ``y`` (prediction == label).
 * ``auxiliary_confidence_loss``: eq. 1.
 * ``confident_pseudo_labels``: stage 3's selection.
@@ -14,7 +17,7 @@ keeps the pixels whose predicted confidence reaches ``T_aux`` as pseudo labels.
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Iterable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -28,6 +31,7 @@ __all__ = [
     "class_probability",
     "class_weights",
     "confident_pseudo_labels",
+    "enet_class_weights",
     "correctness_target",
     "histogram_auc",
     "positive_weights",
@@ -55,6 +59,50 @@ def class_weights(class_probability: torch.Tensor, c: float = 1.04) -> torch.Ten
     if c <= 1.0:
         raise ValueError(f"class_weights: c must be > 1 so that ln(c + p) > 0, but got c={c}")
     return 1.0 / torch.log(c + class_probability)
+
+
+SEGMENTATION_C = 1.1  # seed 004 §4.2: the segmentation network's ENet weights (eq. 1's aux loss uses 1.04)
+
+
+def enet_class_weights(
+    masks_or_counts: torch.Tensor | Iterable[torch.Tensor],
+    num_classes: int,
+    c: float = SEGMENTATION_C,
+    ignore_index: int = IGNORE_INDEX,
+) -> torch.Tensor:
+    """ENet class weights ``1 / ln(c + p_class)`` from labelled masks: (C,) float64.
+
+    ``masks_or_counts``: a 1-d tensor of ``num_classes`` pixel counts, or labelled masks — one
+    tensor of any other shape, or an iterable of them (e.g. each labelled image's mask) —
+    whose ``ignore_index`` pixels are not counted. ``p_class`` = count_c / all counted pixels;
+    a class never seen gets the largest weight ``1 / ln(c)``. Compute once over the labelled set.
+    """
+    counts = _class_pixel_counts(masks_or_counts, num_classes, ignore_index)
+    total = counts.sum()
+    if total <= 0:
+        raise ValueError("enet_class_weights: no labelled pixel to count (every mask pixel is ignored)")
+    return class_weights(counts / total, c)
+
+
+def _class_pixel_counts(
+    masks_or_counts: torch.Tensor | Iterable[torch.Tensor], num_classes: int, ignore_index: int
+) -> torch.Tensor:
+    if isinstance(masks_or_counts, torch.Tensor) and masks_or_counts.dim() == 1:
+        if masks_or_counts.numel() != num_classes or bool((masks_or_counts < 0).any()):
+            raise ValueError(
+                f"enet_class_weights: a 1-d input is read as {num_classes} non-negative pixel counts, "
+                f"got {masks_or_counts.tolist()}"
+            )
+        return masks_or_counts.to(torch.float64)
+    masks = [masks_or_counts] if isinstance(masks_or_counts, torch.Tensor) else masks_or_counts
+    counts = torch.zeros(num_classes, dtype=torch.float64)
+    for mask in masks:
+        kept = torch.as_tensor(mask).reshape(-1).long()
+        kept = kept[kept != ignore_index]
+        if kept.numel() and (int(kept.min()) < 0 or int(kept.max()) >= num_classes):
+            raise ValueError(f"enet_class_weights: mask values must lie in 0..{num_classes - 1} or be {ignore_index}")
+        counts += torch.bincount(kept, minlength=num_classes).to(torch.float64).cpu()
+    return counts
 
 
 def correctness_target(prediction: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:

@@ -25,6 +25,7 @@ from selftune.methods.common import IGNORE_INDEX
 
 __all__ = [
     "DualBatchNorm2d",
+    "check_strong_bn_trainable",
     "convert_from_dsbn",
     "convert_to_dsbn",
     "self_correction_loss",
@@ -99,12 +100,21 @@ class DualBatchNorm2d(nn.Module):
     Each BN has its own affine parameters and running statistics; both start as copies of the
     original BN (the paper: "a parallel batch normalization initialized by the original BN").
     State-dict keys gain a ``normal.`` / ``strong.`` level; ``convert_from_dsbn`` removes it.
+
+    A frozen ``normal`` (a BN that refuses train mode or whose affine parameters do not train,
+    e.g. ``FrozenBatchNorm2d`` with ``frozen_bn: true``) would make a deep-copied PBN frozen too,
+    and DSBN a no-op. So by default (``unfreeze_strong=True``) the PBN is then a plain, trainable
+    ``nn.BatchNorm2d`` with the frozen BN's values: it normalises strong images with their batch
+    statistics, tracks its own running statistics and trains its affine parameters, while the
+    normal BN stays frozen. A BN that is not frozen is simply copied, whatever this flag says.
     """
 
-    def __init__(self, normal: nn.BatchNorm2d, strong: nn.BatchNorm2d | None = None):
+    def __init__(self, normal: nn.BatchNorm2d, strong: nn.BatchNorm2d | None = None, *, unfreeze_strong: bool = True):
         super().__init__()
         self.normal = normal
-        self.strong = copy.deepcopy(normal) if strong is None else strong
+        if strong is None:
+            strong = _trainable_copy(normal) if unfreeze_strong and is_frozen_bn(normal) else copy.deepcopy(normal)
+        self.strong = strong
         self.strong_from: int | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, C, H, W) -> (B, C, H, W)
@@ -119,24 +129,61 @@ class DualBatchNorm2d(nn.Module):
         return f"strong_from={self.strong_from}"
 
 
-def convert_to_dsbn(module: nn.Module) -> nn.Module:
+def is_frozen_bn(bn: nn.BatchNorm2d) -> bool:
+    """True for a BN that cannot learn: it refuses train mode (always running statistics) or its
+    affine parameters do not require gradients."""
+    probe = copy.deepcopy(bn).train(True)
+    frozen_affine = bn.affine and not (bn.weight.requires_grad or bn.bias.requires_grad)
+    return not probe.training or frozen_affine
+
+
+def _trainable_copy(bn: nn.BatchNorm2d) -> nn.BatchNorm2d:
+    """A plain ``nn.BatchNorm2d`` holding ``bn``'s values (affine and running statistics), trainable."""
+    plain = nn.BatchNorm2d(bn.num_features, eps=bn.eps, momentum=bn.momentum)
+    state = bn.state_dict()
+    plain.load_state_dict({k: v for k, v in state.items() if k in plain.state_dict()}, strict=False)
+    like = next(iter(state.values()), None)
+    return plain.to(like.device) if like is not None else plain
+
+
+def convert_to_dsbn(module: nn.Module, *, unfreeze_strong: bool = True) -> nn.Module:
     """Replace every ``nn.BatchNorm2d`` in ``module`` (subclasses included) by a ``DualBatchNorm2d``.
 
-    The original BN becomes ``normal`` (same parameter objects) and a deep copy becomes ``strong``,
-    so weights and running statistics start equal in both. Works in place on children and returns
-    the module (a new ``DualBatchNorm2d`` when ``module`` itself is a BatchNorm2d). Convert before
-    building the optimizer, or the strong BNs' parameters will not be trained. Existing
-    ``DualBatchNorm2d`` are left as they are.
+    The original BN becomes ``normal`` (same parameter objects) and a copy becomes ``strong``,
+    so weights and running statistics start equal in both. A frozen BN's copy is a trainable
+    ``nn.BatchNorm2d`` unless ``unfreeze_strong=False`` (see ``DualBatchNorm2d``); without that
+    the PBN of a ``frozen_bn`` network would be frozen too and DSBN would do nothing. Works in
+    place on children and returns the module (a new ``DualBatchNorm2d`` when ``module`` itself is
+    a BatchNorm2d). Convert before building the optimizer, or the strong BNs' parameters will not
+    be trained. Existing ``DualBatchNorm2d`` are left as they are.
     """
     if isinstance(module, nn.BatchNorm2d):
-        return DualBatchNorm2d(module)
+        return DualBatchNorm2d(module, unfreeze_strong=unfreeze_strong)
     for name, child in module.named_children():
         if isinstance(child, DualBatchNorm2d):
             continue
-        replacement = convert_to_dsbn(child)
+        replacement = convert_to_dsbn(child, unfreeze_strong=unfreeze_strong)
         if replacement is not child:
             setattr(module, name, replacement)
     return module
+
+
+def check_strong_bn_trainable(model: nn.Module) -> None:
+    """ValueError unless the model has DSBN layers and none of their strong BNs is frozen.
+
+    For a config check: a frozen PBN never leaves its initial (normal-BN) state, so DSBN on/off
+    would be the same network.
+    """
+    duals = [m for m in model.modules() if isinstance(m, DualBatchNorm2d)]
+    if not duals:
+        raise ValueError("DSBN: the model has no DualBatchNorm2d; call convert_to_dsbn(model) first")
+    frozen = sum(is_frozen_bn(dual.strong) for dual in duals)
+    if frozen:
+        raise ValueError(
+            f"DSBN: {frozen} of {len(duals)} strong BatchNorms are frozen (model built with frozen_bn: true and "
+            "converted with unfreeze_strong=False), so DSBN would change nothing; convert with unfreeze_strong=True "
+            "or set frozen_bn: false"
+        )
 
 
 def convert_from_dsbn(module: nn.Module) -> nn.Module:

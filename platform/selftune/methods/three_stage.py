@@ -6,10 +6,11 @@
   pseudo masks of the previous stage.
 * ``total_loss`` (eqs. 4 and 5): ``L_seg + lambda1 L_con + lambda2 L_pl``.
 * ``sample_geometric_transform`` / ``apply_geometric_transform``: the geometric part of A and B
-  — one random flip / zoom / shift (/ rotation) per sample, applied identically to an image
-  (bilinear), a score map (bilinear) or a label map (nearest, 255 outside the image). The
-  photometric part of A (RandAugment, Cutout) touches the image only and lives with the data
-  transforms.
+  — one random flip / zoom / shift / rotation / shear per sample, applied identically to an
+  image (bilinear), a score map (bilinear) or a label map (nearest, 255 outside the image).
+* ``cutout_mask`` / ``apply_cutout``: the always-on Cutout of A (the authors: 3 squares of
+  32 px per image, set to 0 in the normalised image), on the image only, after the warp. The
+  rest of A's photometric part (RandAugment-style ops) is a data transform.
 
 The EMA teacher is ``selftune.methods.common.ema_update`` (all float state, as the authors).
 """
@@ -22,12 +23,14 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from selftune.methods.common import IGNORE_INDEX, masked_cross_entropy
+from selftune.methods.common import IGNORE_INDEX, box_mask, masked_cross_entropy
 
 __all__ = [
     "GeometricTransform",
+    "apply_cutout",
     "apply_geometric_transform",
     "consistency_loss",
+    "cutout_mask",
     "pseudo_label_loss",
     "sample_geometric_transform",
     "total_loss",
@@ -90,20 +93,24 @@ def total_loss(
 
 @dataclass(frozen=True)
 class GeometricTransform:
-    """Per-sample parameters of a random flip / zoom / shift / rotation, all (B,) or (B, 2).
+    """Per-sample parameters of a random flip / zoom / shift / rotation / shear, all (B,) or (B, 2).
 
     The output pixel at normalised coordinates p (x, y in [-1, 1], ``align_corners=False``)
-    reads the input at ``R(rotation) (flip(p) / scale) + offset``: flip mirrors x, ``scale > 1``
-    zooms in (the output shows a ``1/scale`` window of the input), ``offset`` moves the window's
-    centre (in normalised units), rotation is in radians, measured in pixel space so that it
-    stays a rotation on non-square images. The matrix depends only on the aspect ratio, so the
-    same parameters move an image and a lower-resolution score map of it consistently.
+    reads the input at ``R(rotation) flip(S(shear) p) / scale + offset``: shear ``(k_x, k_y)``
+    reads ``(x + k_x y, y + k_y x)`` in pixel units (PIL's ``ShearX`` coefficient, the authors
+    draw up to 0.3), flip mirrors x, ``scale > 1`` zooms in (the output shows a ``1/scale``
+    window of the input), ``offset`` moves the window's centre (in normalised units: an offset of
+    ``-2 k / W`` moves the content ``k`` pixels to the right), rotation is in radians. Rotation
+    and shear are measured in pixel space so that they stay a rotation / shear on non-square
+    images; the matrix depends only on the aspect ratio, so the same parameters move an image
+    and a lower-resolution score map of it consistently. ``shear=None`` is no shear.
     """
 
     flip: torch.Tensor  # (B,) bool
     scale: torch.Tensor  # (B,) float
     offset: torch.Tensor  # (B, 2) float, (x, y)
     rotation: torch.Tensor  # (B,) float, radians
+    shear: torch.Tensor | None = None  # (B, 2) float, (k_x, k_y) pixel-space coefficients
 
     @property
     def batch_size(self) -> int:
@@ -123,11 +130,26 @@ class GeometricTransform:
             ],
             dim=-2,
         ) * inv_scale[:, None, None]  # (B, 2, 2)
+        if self.shear is not None:
+            a = a @ self._shear_matrix(height, width)
         return torch.cat([a, self.offset[:, :, None]], dim=2)  # (B, 2, 3)
+
+    def _shear_matrix(self, height: int, width: int) -> torch.Tensor:
+        """(B, 2, 2) D^-1 S_pixels D with D = diag(W, H), S_pixels = [[1, k_x], [k_y, 1]]."""
+        shear = self.shear.to(self.scale.dtype)  # type: ignore[union-attr]
+        ones = torch.ones_like(shear[:, 0])
+        return torch.stack(
+            [
+                torch.stack([ones, shear[:, 0] * (height / width)], dim=-1),
+                torch.stack([shear[:, 1] * (width / height), ones], dim=-1),
+            ],
+            dim=-2,
+        )
 
     def to(self, device: torch.device | str) -> GeometricTransform:
         return GeometricTransform(
-            self.flip.to(device), self.scale.to(device), self.offset.to(device), self.rotation.to(device)
+            self.flip.to(device), self.scale.to(device), self.offset.to(device), self.rotation.to(device),
+            None if self.shear is None else self.shear.to(device),
         )
 
 
@@ -138,6 +160,8 @@ def sample_geometric_transform(
     flip_prob: float = 0.5,
     scale_range: tuple[float, float] = (1.0, 1.5),
     max_rotation_degrees: float = 0.0,
+    max_shear: float = 0.0,
+    max_translate: float = 0.0,
     device: torch.device | str | None = None,
 ) -> GeometricTransform:
     """Draw one random geometric transform per sample (on the generator's device, then ``device``).
@@ -147,12 +171,21 @@ def sample_geometric_transform(
     axis, so a zoom-in window stays inside the image (for s < 1 the image stays inside the
     window, the rest being filled); rotation uniform in +-``max_rotation_degrees`` (default 0: the
     rotated corners would bring in filled pixels).
+
+    Off by default, so the draws above stay what they were: ``max_shear`` — shear coefficients
+    ``k_x, k_y`` each uniform in +-max_shear (the authors' RandAugment: 0.3); ``max_translate`` —
+    a further shift of the content, uniform in +-max_translate of the image size per axis (the
+    authors: 10 px). Both bring in filled pixels, which ``apply_geometric_transform`` marks 255.
     """
     low, high = scale_range
     if not 0.0 < low <= high:
         raise ValueError(f"sample_geometric_transform: need 0 < scale_range[0] <= scale_range[1], got {scale_range}")
     if not 0.0 <= flip_prob <= 1.0:
         raise ValueError(f"sample_geometric_transform: flip_prob must lie in [0, 1], got {flip_prob}")
+    if max_shear < 0 or max_translate < 0:
+        raise ValueError(
+            f"sample_geometric_transform: max_shear and max_translate must be >= 0, got {max_shear}, {max_translate}"
+        )
     gen_device = generator.device if generator is not None else torch.device("cpu")
     uniform = lambda *shape: torch.rand(*shape, generator=generator, device=gen_device)  # noqa: E731
     flip = uniform(batch) < flip_prob
@@ -160,7 +193,12 @@ def sample_geometric_transform(
     reach = (1.0 - 1.0 / scale).abs()  # (B,)
     offset = (2.0 * uniform(batch, 2) - 1.0) * reach[:, None]
     rotation = (2.0 * uniform(batch) - 1.0) * math.radians(max_rotation_degrees)
-    transform = GeometricTransform(flip, scale, offset, rotation)
+    shear = None
+    if max_translate > 0:  # drawn after the others, so the former draws are unchanged
+        offset = offset + (2.0 * uniform(batch, 2) - 1.0) * (2.0 * max_translate)  # normalised units span 2
+    if max_shear > 0:
+        shear = (2.0 * uniform(batch, 2) - 1.0) * max_shear
+    transform = GeometricTransform(flip, scale, offset, rotation, shear)
     return transform.to(device) if device is not None else transform
 
 
@@ -216,3 +254,48 @@ def apply_geometric_transform(
 def transformed_teacher_labels(teacher_logits: torch.Tensor, params: GeometricTransform) -> torch.Tensor:
     """``B argmax f_theta'(x)``: the teacher's hard labels moved by the transform, 255 outside."""
     return apply_geometric_transform(teacher_logits.detach().argmax(dim=1), params, mode="nearest")
+
+
+# --------------------------------------------------------------------------------------------
+# Cutout (the image part of A)
+# --------------------------------------------------------------------------------------------
+
+
+def cutout_mask(
+    batch: int,
+    height: int,
+    width: int,
+    generator: torch.Generator | None = None,
+    *,
+    holes: int = 3,
+    size: int = 32,
+    device: torch.device | str | None = None,
+) -> torch.Tensor:
+    """bool (B, H, W), True in ``holes`` squares of side ``size`` per image: the pixels to cut.
+
+    As the authors' ``cutout_numpy``: each square's centre is uniform over the pixels and the
+    square ``[c - size // 2, c + size // 2)`` is clipped at the image border (so a square near
+    the border is smaller); squares may overlap. Defaults: the authors' 3 squares of 32 px.
+    """
+    if holes < 0 or size < 0:
+        raise ValueError(f"cutout_mask: holes and size must be >= 0, got holes={holes}, size={size}")
+    gen_device = generator.device if generator is not None else torch.device("cpu")
+    cut = torch.zeros(batch, height, width, dtype=torch.bool, device=gen_device)
+    half = size // 2
+    for _ in range(holes):
+        centre_y = torch.randint(height, (batch,), generator=generator, device=gen_device)
+        centre_x = torch.randint(width, (batch,), generator=generator, device=gen_device)
+        y0, x0 = (centre_y - half).clamp(min=0), (centre_x - half).clamp(min=0)
+        y1, x1 = (centre_y + half).clamp(max=height), (centre_x + half).clamp(max=width)
+        cut |= box_mask(x0, y0, x1 - x0, y1 - y0, height, width)
+    return cut.to(device) if device is not None else cut
+
+
+def apply_cutout(images: torch.Tensor, cut: torch.Tensor, fill: float = 0.0) -> torch.Tensor:
+    """``images`` (B, C, H, W) with the pixels of ``cut`` (B, H, W) set to ``fill``.
+
+    0 in an ImageNet-normalised image is the mean colour (the authors zero their [-1, 1] image).
+    Only the student's image is cut: its targets (B of the teacher output, B of the pseudo
+    masks) keep their labels there, as in the authors' code.
+    """
+    return images.masked_fill(cut.to(images.device)[:, None], fill)

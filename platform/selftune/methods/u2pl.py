@@ -20,7 +20,7 @@ from typing import Sequence
 import torch
 import torch.nn.functional as F
 
-from selftune.methods.common import IGNORE_INDEX, masked_cross_entropy, zero_loss
+from selftune.methods.common import IGNORE_INDEX, all_gather_rows, masked_cross_entropy, zero_loss
 
 __all__ = [
     "ClassMemoryBank",
@@ -213,8 +213,13 @@ class ClassMemoryBank:
     as the authors' ``dequeue_and_enqueue`` (concatenate, keep the last ``capacity``). Stored as
     one ring buffer per class, allocated on the first enqueue of that class, so a step costs the
     copy of the new keys only. Keys are stored detached; call ``to(device)`` to move the bank.
-    Under DDP the caller gathers each step's keys from all workers before enqueueing (the
-    authors' ``concat_all_gather``), so every worker holds the same bank.
+
+    Under DDP (a ``torch.distributed`` process group is initialised) ``enqueue`` gathers the keys
+    of every worker, in rank order, before appending them, as the authors' ``concat_all_gather``
+    does, so every worker holds the same bank (the workers may enqueue different numbers of
+    keys). ``enqueue`` is then a collective: every worker must call it for the same classes in the
+    same order (``build_contrastive_samples`` does, for every class, even with no key).
+    ``gather=False`` keeps a per-worker bank.
     """
 
     def __init__(
@@ -225,6 +230,7 @@ class ClassMemoryBank:
         *,
         device: torch.device | str = "cpu",
         dtype: torch.dtype = torch.float32,
+        gather: bool = True,
     ):
         capacities = [capacity] * num_classes if isinstance(capacity, int) else list(capacity)
         if len(capacities) != num_classes or min(capacities) < 1:
@@ -233,6 +239,7 @@ class ClassMemoryBank:
             )
         self.num_classes, self.dim, self.capacities = num_classes, dim, capacities
         self.device, self.dtype = torch.device(device), dtype
+        self.gather = gather
         self._buffers: list[torch.Tensor | None] = [None] * num_classes
         self._next = [0] * num_classes  # ring position of the next write
         self._size = [0] * num_classes
@@ -245,11 +252,17 @@ class ClassMemoryBank:
         return self._size[cls]
 
     def enqueue(self, cls: int, keys: torch.Tensor) -> None:
-        """Append keys (n, dim) to class ``cls``; beyond capacity the oldest keys are dropped."""
+        """Append keys (n, dim) to class ``cls``; beyond capacity the oldest keys are dropped.
+
+        Under DDP (and ``gather``) the keys of all workers are appended, rank 0's first.
+        """
         if keys.dim() != 2 or keys.shape[1] != self.dim:
             raise ValueError(f"ClassMemoryBank.enqueue: keys must be (n, {self.dim}), got {tuple(keys.shape)}")
         capacity = self.capacities[cls]
-        keys = keys.detach()[-capacity:].to(self.device, self.dtype)  # only the newest can survive
+        keys = keys.detach()[-capacity:].to(dtype=self.dtype)  # only the newest can survive
+        if self.gather:
+            keys = all_gather_rows(keys)[-capacity:]
+        keys = keys.to(self.device)
         n = keys.shape[0]
         if n == 0:
             return

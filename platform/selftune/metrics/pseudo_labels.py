@@ -27,6 +27,8 @@ class PseudoLabelQuality:
     * ``class_coverage``: mean over the classes that have ground-truth pixels of the fraction of
       that class's pixels that are kept (the paper's "class semi ratio"; a class whose pixels are
       all dropped counts as 0, which is what this number is meant to reveal);
+    * ``per_class_coverage``: list of C floats, that fraction per class (the terms of
+      ``class_coverage``), NaN for a class with no ground-truth pixels;
     * ``pixel_accuracy``: correct kept pixels / kept pixels;
     * ``per_class_iou``: list of C floats, NaN where undefined;
     * ``num_pixels``: valid ground-truth pixels seen; ``num_kept_pixels``: those that were kept.
@@ -66,10 +68,12 @@ class PseudoLabelQuality:
         total, kept = counts.sum().item(), kept_per_class.sum().item()
         present = counts > 0
         coverage = (kept_per_class[present] / counts[present]).mean().item() if present.any() else float("nan")
+        per_class_coverage = torch.where(present, kept_per_class / counts.clamp(min=1), float("nan"))
         return {
             "miou": self.kept.miou(),
             "kept_fraction": kept / total if total else float("nan"),
             "class_coverage": coverage,
+            "per_class_coverage": per_class_coverage.tolist(),
             "pixel_accuracy": self.kept.pixel_accuracy(),
             "per_class_iou": self.kept.iou().tolist(),
             "num_pixels": int(total),

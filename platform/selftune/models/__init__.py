@@ -7,11 +7,13 @@ imports ``selftune.models`` (a fresh Ray worker sees what the driver sees).
 from __future__ import annotations
 
 from selftune.models.checkpoint import load_checkpoint, save_checkpoint
-from selftune.models.network import BlockInfo, SegmentationNetwork
+from selftune.models.network import BlockInfo, SegmentationNetwork, parameter_groups
 from selftune.models.registry import available_models, build_model, register_model
 
 # Model modules register themselves on import.
 from selftune.models import deeplabv2  # noqa: F401  deeplabv2_resnet50, deeplabv2_resnet101
+from selftune.models import deeplabv2_caffe  # noqa: F401  deeplabv2_caffe_resnet101, deeplabv2 (= deeplabv2_resnet101)
+from selftune.models import multi_head  # noqa: F401  multi_head (any registered network + a second branch)
 from selftune.models import small  # noqa: F401  small_segnet
 
 __all__ = [
@@ -20,6 +22,7 @@ __all__ = [
     "available_models",
     "build_model",
     "load_checkpoint",
+    "parameter_groups",
     "register_model",
     "save_checkpoint",
 ]

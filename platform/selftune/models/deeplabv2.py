@@ -8,7 +8,8 @@ fixed by the paper, stated here:
   ``replace_stride_with_dilation=[False, True, True]`` does: the *first* Bottleneck of a dilated
   layer keeps the previous dilation (1 in ``layer3``, 2 in ``layer4``), the following ones use the
   new one. The Caffe DeepLabv2 puts the stride on ``conv1`` and dilates every block of a layer;
-  we follow torchvision so that its ImageNet weights load without any renaming.
+  we follow torchvision so that its ImageNet weights load without any renaming. The Caffe
+  variant, for DeepLab's COCO weights, is ``deeplabv2_caffe_resnet101`` (``deeplabv2_caffe.py``).
 * State-dict keys equal torchvision's once the block prefix is stripped: ``blocks.stem.conv1.weight``
   is torchvision's ``conv1.weight``, ``blocks.layer3.0.downsample.0.weight`` is
   ``layer3.0.downsample.0.weight``. ``load_torchvision_resnet_weights`` relies on this.
@@ -69,7 +70,12 @@ class FrozenBatchNorm2d(nn.BatchNorm2d):
 
 
 class Bottleneck(nn.Module):
-    """torchvision's ResNet v1.5 Bottleneck: 1x1 -> 3x3 (stride, dilation) -> 1x1, plus shortcut."""
+    """ResNet Bottleneck: 1x1 -> 3x3 (dilation) -> 1x1, plus shortcut.
+
+    ``stride_on="conv2"`` (default) is torchvision's v1.5, striding in the 3x3; ``"conv1"`` is the
+    original (Caffe) ResNet that DeepLab's weights come from, striding in the first 1x1. The
+    parameters and their names are the same either way.
+    """
 
     expansion = 4
 
@@ -82,13 +88,17 @@ class Bottleneck(nn.Module):
         dilation: int = 1,
         downsample: nn.Module | None = None,
         norm: Norm = nn.BatchNorm2d,
+        stride_on: str = "conv2",
     ):
         super().__init__()
+        if stride_on not in ("conv1", "conv2"):
+            raise ValueError(f"Bottleneck: stride_on must be 'conv1' or 'conv2', got {stride_on!r}")
         out_channels = width * self.expansion
-        self.conv1 = nn.Conv2d(in_channels, width, kernel_size=1, bias=False)
+        stride1, stride2 = (stride, 1) if stride_on == "conv1" else (1, stride)
+        self.conv1 = nn.Conv2d(in_channels, width, kernel_size=1, stride=stride1, bias=False)
         self.bn1 = norm(width)
         self.conv2 = nn.Conv2d(
-            width, width, kernel_size=3, stride=stride, padding=dilation, dilation=dilation, bias=False
+            width, width, kernel_size=3, stride=stride2, padding=dilation, dilation=dilation, bias=False
         )
         self.bn2 = norm(width)
         self.conv3 = nn.Conv2d(width, out_channels, kernel_size=1, bias=False)
@@ -127,12 +137,12 @@ class ASPP(nn.Module):
         return out
 
 
-def _stem(norm: Norm) -> nn.Sequential:
-    """conv1 (7x7, stride 2) -> bn1 -> relu -> maxpool (3x3, stride 2): stride 4, 64 channels."""
+def _stem(norm: Norm, width: int = 64) -> nn.Sequential:
+    """conv1 (7x7, stride 2) -> bn1 -> relu -> maxpool (3x3, stride 2): stride 4, ``width`` (64) channels."""
     return nn.Sequential(
         OrderedDict(
-            conv1=nn.Conv2d(3, 64, kernel_size=7, stride=2, padding=3, bias=False),
-            bn1=norm(64),
+            conv1=nn.Conv2d(3, width, kernel_size=7, stride=2, padding=3, bias=False),
+            bn1=norm(width),
             relu=nn.ReLU(inplace=True),
             maxpool=nn.MaxPool2d(kernel_size=3, stride=2, padding=1),
         )
@@ -140,7 +150,8 @@ def _stem(norm: Norm) -> nn.Sequential:
 
 
 def _layer(
-    in_channels: int, width: int, num_blocks: int, *, stride: int, dilation: int, first_dilation: int, norm: Norm
+    in_channels: int, width: int, num_blocks: int, *, stride: int, dilation: int, first_dilation: int, norm: Norm,
+    stride_on: str = "conv2",
 ) -> nn.Sequential:
     """One ResNet stage, the way torchvision's ``_make_layer`` builds it (see the module docstring)."""
     out_channels = width * Bottleneck.expansion
@@ -149,16 +160,29 @@ def _layer(
         downsample = nn.Sequential(
             nn.Conv2d(in_channels, out_channels, kernel_size=1, stride=stride, bias=False), norm(out_channels)
         )
-    blocks = [Bottleneck(in_channels, width, stride=stride, dilation=first_dilation, downsample=downsample, norm=norm)]
+    blocks = [
+        Bottleneck(
+            in_channels, width, stride=stride, dilation=first_dilation, downsample=downsample, norm=norm,
+            stride_on=stride_on,
+        )
+    ]
     blocks += [Bottleneck(out_channels, width, dilation=dilation, norm=norm) for _ in range(1, num_blocks)]
     return nn.Sequential(*blocks)
 
 
-def _dilated_resnet(depth: int, norm: Norm) -> list[tuple[BlockInfo, nn.Module]]:
-    """``stem, layer1..layer4`` of a ResNet-``depth`` at output stride 8, with their BlockInfo."""
-    blocks: list[tuple[BlockInfo, nn.Module]] = [(BlockInfo("stem", 64, 4), _stem(norm))]
-    in_channels, stride_so_far, dilation = 64, 4, 1
-    widths, layer_strides, dilate = (64, 128, 256, 512), (1, 2, 2, 2), (False, False, True, True)
+def _dilated_resnet(
+    depth: int, norm: Norm, *, caffe: bool = False, base_width: int = 64
+) -> list[tuple[BlockInfo, nn.Module]]:
+    """``stem, layer1..layer4`` of a ResNet-``depth`` at output stride 8, with their BlockInfo.
+
+    ``caffe=True``: DeepLab's ResNet — stride on the first 1x1 conv, and every Bottleneck of a
+    dilated layer (the first included) uses that layer's dilation. ``base_width`` (64) scales every
+    layer; anything else is for tests only (no weights exist for it).
+    """
+    blocks: list[tuple[BlockInfo, nn.Module]] = [(BlockInfo("stem", base_width, 4), _stem(norm, base_width))]
+    in_channels, stride_so_far, dilation = base_width, 4, 1
+    widths = tuple(base_width * factor for factor in (1, 2, 4, 8))
+    layer_strides, dilate = (1, 2, 2, 2), (False, False, True, True)
     for index, (num_blocks, width, stride, use_dilation) in enumerate(
         zip(RESNET_LAYERS[depth], widths, layer_strides, dilate), start=1
     ):
@@ -166,8 +190,10 @@ def _dilated_resnet(depth: int, norm: Norm) -> list[tuple[BlockInfo, nn.Module]]
         if use_dilation:  # trade the stride for dilation, keeping the receptive field
             dilation *= stride
             stride = 1
+            first_dilation = dilation if caffe else first_dilation
         layer = _layer(
-            in_channels, width, num_blocks, stride=stride, dilation=dilation, first_dilation=first_dilation, norm=norm
+            in_channels, width, num_blocks, stride=stride, dilation=dilation, first_dilation=first_dilation, norm=norm,
+            stride_on="conv1" if caffe else "conv2",
         )
         in_channels, stride_so_far = width * Bottleneck.expansion, stride_so_far * stride
         blocks.append((BlockInfo(f"layer{index}", in_channels, stride_so_far), layer))
