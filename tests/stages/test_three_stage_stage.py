@@ -87,7 +87,8 @@ def test_loss_terms_are_weighted_and_reach_the_right_heads():
 def test_pl_term_equals_cross_entropy_on_the_moved_masks_without_geometry():
     """With the identity transform (no flip, zoom 1) L_pl is plain CE of the branch on [y_l; ŷ_u]."""
     pair = _pair().train()
-    stage = _stage(lambda1=1.0, lambda2=1.0, flip_prob=0.0, zoom_range=(1.0, 1.0))
+    stage = _stage(lambda1=1.0, lambda2=1.0, flip_prob=0.0, zoom_range=(1.0, 1.0), max_rotation_degrees=0.0,
+                   max_shear=0.0, max_translate=0.0, cutout_holes=0)
     batch = _batch()
     terms = multi_task_terms(stage, torch.Generator().manual_seed(0))(pair, batch)
     with torch.no_grad():
@@ -97,6 +98,32 @@ def test_pl_term_equals_cross_entropy_on_the_moved_masks_without_geometry():
     assert torch.allclose(terms["seg"], nn.functional.cross_entropy(main[:2], batch.labelled["mask"]), atol=1e-5)
     teacher_labels = pair.teacher.eval()(batch.joint("image")).argmax(1)
     assert torch.allclose(terms["con"], nn.functional.cross_entropy(main, teacher_labels), atol=1e-5)
+
+
+def test_cutout_cuts_the_students_image_but_not_its_targets():
+    """With the identity geometry and Cutout on, L_pl is CE of the branch on the cut image against
+    the uncut masks: the target keeps its labels where the image lost its pixels."""
+    pair = _pair().train()
+    stage = _stage(lambda1=1.0, lambda2=1.0, flip_prob=0.0, zoom_range=(1.0, 1.0), max_rotation_degrees=0.0,
+                   max_shear=0.0, max_translate=0.0, cutout_holes=2, cutout_size=8)
+    batch = _batch()
+    terms = multi_task_terms(stage, torch.Generator().manual_seed(0))(pair, batch)
+    # the same draws: the (no-op) geometric transform first, then the cutout squares
+    from selftune.methods.three_stage import apply_cutout, cutout_mask, sample_geometric_transform
+
+    generator = torch.Generator().manual_seed(0)
+    sample_geometric_transform(5, generator, flip_prob=0.0, scale_range=(1.0, 1.0))
+    cut = cutout_mask(5, 32, 32, generator, holes=2, size=8)
+    assert cut.any() and not cut.all()
+    with torch.no_grad():
+        _, branch = pair.student(apply_cutout(batch.joint("image", "image_strong"), cut), both=True)
+    assert torch.allclose(terms["pl"], nn.functional.cross_entropy(branch, batch.joint("mask")), atol=1e-5)
+
+
+def test_the_paper_geometry_is_on_by_default():
+    stage = _stage()
+    assert (stage.max_rotation_degrees, stage.max_shear, stage.cutout_holes) == (30.0, 0.3, 3)
+    assert stage.ops_with_replacement and stage.strong_on_labelled
 
 
 def test_ema_decay_schedule_is_read_per_epoch():

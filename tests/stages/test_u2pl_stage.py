@@ -39,7 +39,8 @@ def _pair() -> MeanTeacher:
 
 
 def _stage(**overrides) -> U2PLStage:
-    values = dict(name="u2pl", epochs=2, feature_dim=8, num_queries=4, num_negatives=3, memory_size=50, r_l=1, r_h=3)
+    values = dict(name="u2pl", epochs=2, feature_dim=8, num_queries=4, num_negatives=3, memory_size=50, r_l=1, r_h=3,
+                  cutmix_p=0.0)
     return U2PLStage(**{**values, **overrides})
 
 
@@ -76,9 +77,31 @@ def test_terms_and_the_reliable_fraction_that_is_measured():
     ReliableLabelQuality(terms, data).after_epoch(state, pair)
     quality = state.metrics
     # np.percentile at 75 % of 2048 pixels, strictly below: 1535 or 1536 of 2048 kept.
-    assert quality["pseudo_label/kept_fraction"] == pytest.approx(0.75, abs=1 / 2048 + 1e-9)
-    assert {"pseudo_label/miou", "pseudo_label/class_coverage"} <= set(quality)
+    assert quality["train_label/kept_fraction"] == pytest.approx(0.75, abs=1 / 2048 + 1e-9)
+    assert {"train_label/miou", "train_label/class_coverage"} <= set(quality)
     assert terms.quality.compute()["kept_fraction"] != terms.quality.compute()["kept_fraction"]  # reset: NaN
+
+
+def test_cutmix_mixes_the_eval_mode_teachers_labels_with_the_image():
+    """p = 1: every unlabelled image gets a box of its partner; the pseudo labels are the eval-mode
+    teacher's argmax on the clean images, mixed with the same box, kept where reliable."""
+    from selftune.methods.common import apply_cutmix, cutmix_boxes
+
+    pair = _pair().train()
+    terms = U2PLTerms(_stage(alpha0=0.0, cutmix_p=1.0, contrastive_weight=0.0), num_classes=C,
+                      device=torch.device("cpu"), seed=0)
+    batch = _batch()
+    clean = pair.teach_eval(batch.unlabelled["image"]).argmax(dim=1)
+    box, partner = cutmix_boxes(2, 32, 32, torch.Generator().manual_seed(0), p=1.0)
+    assert box.any() and not box.all()
+    expected = apply_cutmix(clean, box, partner)
+    seen = {}
+    terms._measure = lambda pseudo, truth: seen.update(pseudo=pseudo, truth=truth)
+    terms(pair, batch, STATE)
+    kept = seen["pseudo"] != 255  # alpha0 = 0: all but the single most uncertain pixel are reliable
+    assert int(kept.sum()) >= 2 * 32 * 32 - 1
+    assert torch.equal(seen["pseudo"][kept], expected[kept])
+    assert torch.equal(seen["truth"], apply_cutmix(batch.unlabelled["mask"], box, partner))
 
 
 def test_zero_contrastive_weight_skips_the_term_but_keeps_the_graph():

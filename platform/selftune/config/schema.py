@@ -64,6 +64,9 @@ class OptimizerConfig(StrictModel):
     momentum: float = Field(0.9, ge=0, lt=1)
     schedule: Literal["constant", "poly"] = "poly"
     poly_power: float = Field(0.9, gt=0)
+    # The network's head (ASPP / classifier, a multi-head branch) at this multiple of lr, as
+    # DeepLab-family training runs its new layers at 10x the pretrained backbone's rate.
+    head_lr_mult: float = Field(1.0, gt=0)
 
 
 class StageConfig(StrictModel):

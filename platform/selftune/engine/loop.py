@@ -34,6 +34,7 @@ from selftune.config import OptimizerConfig
 from selftune.engine.context import WorkerContext
 from selftune.errors import SelftuneError
 from selftune.metrics import ConfusionMatrix
+from selftune.models import parameter_groups
 
 Batch = Any  # a mapping of tensors, or a TwoStreamBatch (selftune.data.batches)
 LossFn = Callable[[nn.Module, Batch, "TrainState"], dict[str, torch.Tensor]]
@@ -77,7 +78,10 @@ class TrainingDiverged(SelftuneError, RuntimeError):
 
 
 def make_optimizer(model: nn.Module, config: OptimizerConfig) -> torch.optim.Optimizer:
-    params = [p for p in model.parameters() if p.requires_grad]
+    """The configured optimizer; with ``head_lr_mult != 1`` the head is its own parameter group."""
+    params: Any = [p for p in model.parameters() if p.requires_grad]
+    if config.head_lr_mult != 1.0:
+        params = parameter_groups(model, config.lr, config.head_lr_mult)
     if config.name == "sgd":
         return torch.optim.SGD(params, lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay)
     if config.name == "adamw":

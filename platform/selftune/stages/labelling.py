@@ -51,12 +51,12 @@ def write_label_png(path: Path, labels: np.ndarray) -> None:
 
 @torch.no_grad()
 def label_samples(
-    model: nn.Module, samples: Sequence[Sample], data: StageData, job: StageJob, ctx: WorkerContext, out: Path,
+    model: nn.Module, samples: Sequence[Sample], data: StageData, job: StageJob, ctx: WorkerContext, out: Path | None,
     labeller: Labeller,
 ) -> PseudoLabelQuality | None:
-    """Write ``out/<id>.png`` for this worker's shard of ``samples``; return the quality against
-    ground truth summed over all workers (None when the images have no ground truth). Every rank
-    must call it (the quality is all-reduced)."""
+    """Write ``out/<id>.png`` for this worker's shard of ``samples`` (``out`` None: measure only);
+    return the quality against ground truth summed over all workers (None when the images have no
+    ground truth). Every rank must call it (the quality is all-reduced)."""
     model = model.to(ctx.device).eval()
     truth = has_ground_truth(samples)
     loader = evaluation_loader(data, samples, job.pipeline.data, ctx, masks="ground_truth" if truth else "none")
@@ -65,7 +65,8 @@ def label_samples(
         batch = to_device(batch, ctx.device)
         labels = labeller(model, batch)  # (B, H, W)
         for sample_id, sample_labels, (height, width) in zip(batch["id"], labels.cpu().numpy(), batch["size"].tolist()):
-            write_label_png(out / f"{sample_id}.png", sample_labels[:height, :width])  # drop the batch padding
+            if out is not None:
+                write_label_png(out / f"{sample_id}.png", sample_labels[:height, :width])  # drop the batch padding
         if truth:
             quality.update(labels, batch["mask"])
     quality.all_reduce()

@@ -41,6 +41,7 @@ class SaugDsbnStage(SelfTrainStage):
     kind: Literal["saug_dsbn_train"] = "saug_dsbn_train"  # type: ignore[assignment]
     n_ops: int = Field(2, ge=0)  # SAUG ops per image (0: no strong augmentation)
     magnitude: Fraction01 = 0.5  # SAUG op strength
+    ops_with_replacement: bool = True  # the paper draws its N ops with replacement (False: N distinct ops)
     dsbn: bool = True  # parallel BN for the strongly augmented pseudo-labelled images
     scl: bool = True  # self-correction loss on pseudo labels (False: CE)
     scl_label_clip: float = Field(1e-4, gt=0, le=1)  # the clipped log 0 of the one-hot label in RCE
@@ -85,7 +86,7 @@ def run_saug_dsbn_train(job: StageJob, ctx: WorkerContext) -> dict[str, Any]:
     network, model_config = initial_model(job, data.num_classes)
     if stage.dsbn:
         network = convert_to_dsbn(network)  # before fit builds the optimizer, so the strong BNs train
-    strong = saug_augmentation(stage.n_ops, stage.magnitude) if stage.n_ops > 0 else None
+    strong = saug_augmentation(stage.n_ops, stage.magnitude, replace=stage.ops_with_replacement) if stage.n_ops > 0 else None
     batches, steps = pseudo_labelled_batches(job, ctx, data, stage, strong_transform=strong)
     return train_network(
         job, ctx, data, network, model_config, batches=batches, steps_per_epoch=steps,

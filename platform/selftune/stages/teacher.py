@@ -59,6 +59,16 @@ class MeanTeacher(nn.Module):
         """The teacher's output, without gradient."""
         return self.teacher(x, **kwargs)
 
+    @torch.no_grad()
+    def teach_eval(self, x: torch.Tensor) -> torch.Tensor:
+        """The teacher's logits with its running BN statistics, whatever mode it trains in."""
+        was_training = self.teacher.training
+        self.teacher.eval()
+        try:
+            return self.teacher(x)
+        finally:
+            self.teacher.train(was_training)
+
     def train(self, mode: bool = True) -> MeanTeacher:
         super().train(mode)
         self.teacher.train(mode and self.teacher_train_mode)

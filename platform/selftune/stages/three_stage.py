@@ -14,11 +14,11 @@ paper) with ``L = L_seg + λ1 L_con + λ2 L_pl`` (eq. 4; eq. 5 for stage 3):
   previous model's argmax on them (the authors pseudo-label L too; on L the supervised model is
   near its own ground truth, and ground truth is what it approximates).
 
-``A``: one random flip / zoom / shift per image, applied in torch on the batch
-(``methods.three_stage.sample_geometric_transform``), plus strong photometric SAUG ops on the
-unlabelled images of the student's input only (the dataset's ``image_strong`` view; the authors
-add RandAugment to the student's unlabelled input). ``B``: the same geometric transform on the
-teacher output / masks (nearest, 255 outside the image). Teacher θ' = EMA of all float state
+``A``: one random geometric transform per image (flip, zoom, rotation, shear, translate), applied
+in torch on the batch (``methods.three_stage.sample_geometric_transform``), strong photometric
+SAUG ops (the dataset's ``image_strong`` view) over L ∪ U, and Cutout on the student's image.
+``B``: the same geometric transform on the teacher output / masks (nearest, 255 outside the
+image), so the consistency target moves with the input. Teacher θ' = EMA of all float state
 (the authors), decay a constant or an epoch schedule (the authors: 0.99 → 0.999 in steps).
 
 The stage's checkpoint is the EMA teacher (see ``stages.teacher``), a ``multi_head`` network
@@ -41,7 +41,9 @@ from selftune.engine.context import WorkerContext
 from selftune.engine.loop import unwrap
 from selftune.methods.common import masked_cross_entropy
 from selftune.methods.three_stage import (
+    apply_cutout,
     apply_geometric_transform,
+    cutout_mask,
     pseudo_label_loss,
     sample_geometric_transform,
 )
@@ -66,11 +68,22 @@ class MultiTaskStage(TrainingStageConfig):
     lambda2: float = Field(0.5, ge=0)  # weight of L_pl
     ema_decay: float | dict[str, Any] = 0.99  # a constant or a schedule over this stage's epochs
     shared_blocks: int | str = "N-2"  # modules (blocks + head) shared by the two heads
-    strong_ops: int = Field(2, ge=0)  # SAUG ops on the student's unlabelled images
+    # A's photometric part: RandAugment-style SAUG ops on the student's images, drawn with
+    # replacement (the paper), over L ∪ U (``strong_on_labelled: false``: unlabelled images only).
+    strong_ops: int = Field(2, ge=0)
     strong_magnitude: float = Field(0.5, ge=0, le=1)
-    flip_prob: float = Field(0.5, ge=0, le=1)  # geometric part of A / B
+    ops_with_replacement: bool = True
+    strong_on_labelled: bool = True
+    # A's geometric part, applied as B to the teacher output and the pseudo masks (the paper's
+    # RandAugment geometry: rotate ±30°, shear ±0.3, translate; flip and zoom as the crop).
+    flip_prob: float = Field(0.5, ge=0, le=1)
     zoom_range: tuple[float, float] = (1.0, 1.5)
-    max_rotation_degrees: float = Field(0.0, ge=0)
+    max_rotation_degrees: float = Field(30.0, ge=0)
+    max_shear: float = Field(0.3, ge=0)
+    max_translate: float = Field(0.03, ge=0)  # fraction of the image per axis (the authors: 10 px of 321)
+    # Always-on Cutout on the student's image (the authors: 3 squares of 32 px); 0 holes: off.
+    cutout_holes: int = Field(3, ge=0)
+    cutout_size: int = Field(32, ge=1)
 
     @field_validator("ema_decay")
     @classmethod
@@ -86,17 +99,24 @@ def multi_task_terms(stage: MultiTaskStage, generator: torch.Generator):
         pair: MeanTeacher = unwrap(model)  # type: ignore[assignment]
         n = batch.n_labelled
         weak = batch.joint("image")  # (B, 3, H, W) teacher input x
-        strong = batch.joint("image", "image_strong")  # photometric A on U only
+        strong = batch.joint("image_strong" if "image_strong" in batch.labelled else "image", "image_strong")
         valid = batch.joint("valid")  # (B, H, W) False on padding
         params = sample_geometric_transform(
             weak.shape[0], generator, flip_prob=stage.flip_prob, scale_range=stage.zoom_range,
-            max_rotation_degrees=stage.max_rotation_degrees, device=weak.device,
+            max_rotation_degrees=stage.max_rotation_degrees, max_shear=stage.max_shear,
+            max_translate=stage.max_translate, device=weak.device,
         )
         teacher_labels = pair.teach(weak).argmax(dim=1).masked_fill(~valid, IGNORE_INDEX)  # argmax f_θ'(x)
         con_target = apply_geometric_transform(teacher_labels, params, mode="nearest")  # B argmax f_θ'(x)
         masks = batch.joint("mask")  # ground truth on L, ŷ on U
         moved_masks = apply_geometric_transform(masks, params, mode="nearest")  # B y, B ŷ
-        main, branch = model(apply_geometric_transform(strong, params), both=True)  # f(A x), g(A x)
+        student_input = apply_geometric_transform(strong, params)
+        if stage.cutout_holes:
+            height, width = student_input.shape[-2:]
+            cut = cutout_mask(len(student_input), height, width, generator, holes=stage.cutout_holes,
+                              size=stage.cutout_size, device=student_input.device)
+            student_input = apply_cutout(student_input, cut)
+        main, branch = model(student_input, both=True)  # f(A x), g(A x)
         return {
             "seg": masked_cross_entropy(main[:n], moved_masks[:n]),
             "con": stage.lambda1 * pseudo_label_loss(main, con_target),
@@ -122,10 +142,12 @@ def run_multi_task(job: StageJob, ctx: WorkerContext) -> dict[str, Any]:
     student = multi_head_student(job, model_config)  # fresh θ (Algorithm 1) unless init_from
     steps = steps_per_epoch(stage.steps_per_epoch, len(data.unlabelled), stage.unlabelled_batch_size, ctx.world_size)
     pair = MeanTeacher(student, ema_decay_of(stage))
-    labelled = training_loader(data, data.labelled, config, ctx, batch_size=stage.batch_size, seed=job.seed)
+    photometric = lambda: saug_augmentation(stage.strong_ops, stage.strong_magnitude, replace=stage.ops_with_replacement)  # noqa: E731
+    labelled = training_loader(data, data.labelled, config, ctx, batch_size=stage.batch_size, seed=job.seed,
+                               strong_transform=photometric() if stage.strong_on_labelled else None)
     unlabelled = training_loader(
         data, data.unlabelled, config, ctx, batch_size=stage.unlabelled_batch_size, seed=job.seed + 1,
-        masks=job.inputs["pseudo_labels"], strong_transform=saug_augmentation(stage.strong_ops, stage.strong_magnitude),
+        masks=job.inputs["pseudo_labels"], strong_transform=photometric(),
     )
     generator = torch.Generator().manual_seed(job.seed * 1000 + ctx.rank)
     return train_network(

@@ -158,8 +158,9 @@ def train_network(
         optimizer=stage.optimizer, ctx=ctx,
         hooks=[evaluation, *hooks, keep, LogEpoch(ctx, stage.name), ReportEpoch(ctx)],
     )
-    # Online labelling (U2PL) reports pseudo-label quality per epoch; the stage summary keeps the last.
-    labelling = {k: v for k, v in state.metrics.items() if k.startswith("pseudo_label/") and k.count("/") == 1}
+    # Online labelling (U2PL) reports label quality per epoch; the stage summary keeps the last.
+    labelling = {k: v for k, v in state.metrics.items()
+                 if k.split("/")[0] in ("pseudo_label", "train_label") and k.count("/") == 1}
     return finish_training(job, ctx, data, keep, best_confusion["matrix"], extra_summary=labelling)
 
 

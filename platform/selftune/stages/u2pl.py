@@ -40,14 +40,16 @@ from pydantic import Field, model_validator
 from selftune.config import TrainingStageConfig, register_stage
 from selftune.data import TwoStreamBatch, cycle, two_streams
 from selftune.engine.context import WorkerContext
-from selftune.engine.loop import Hook, TrainState, unwrap
+from selftune.engine.loop import Hook, TrainState, predict, unwrap
 from selftune.methods import u2pl
-from selftune.methods.common import IGNORE_INDEX, ema_decay, masked_cross_entropy, resize_labels, zero_loss
+from selftune.methods.common import (
+    IGNORE_INDEX, apply_cutmix, cutmix_boxes, ema_decay, masked_cross_entropy, resize_labels, zero_loss,
+)
 from selftune.metrics import PseudoLabelQuality
 from selftune.models.multi_head import multi_head_config
 from selftune.stages.data import StageData, has_ground_truth, prepare_data, training_loader
 from selftune.stages.job import StageJob
-from selftune.stages.labelling import loggable, quality_summary
+from selftune.stages.labelling import label_samples, log_quality, loggable, quality_summary
 from selftune.stages.teacher import EmaUpdate, MeanTeacher, multi_head_student
 from selftune.stages.training import steps_per_epoch, train_network
 
@@ -73,6 +75,9 @@ class U2PLStage(TrainingStageConfig):
     memory_size: int = Field(30000, ge=1)  # keys per class in the bank
     feature_dim: int = Field(64, ge=1)  # projection width (the authors: 256)
     ema_decay: float = Field(0.99, ge=0, le=1)  # the cap of min(1 - 1/(k+1), ema_decay)
+    # CutMix on the student's unlabelled input (the authors: p = 0.5, one box from the next image of
+    # the batch); the teacher's labels come from an eval-mode pass on the clean images, mixed alike.
+    cutmix_p: float = Field(0.5, ge=0, le=1)
 
     @model_validator(mode="after")
     def _rank_window(self) -> "U2PLStage":
@@ -99,12 +104,23 @@ class U2PLTerms:
         stage, pair = self.stage, unwrap(model)
         alpha, anchor_alpha = self.fractions(state)
         n = batch.n_labelled
-        images = batch.joint("image")  # (B, 3, H, W)
-        t_logits, t_features = pair.teach(images, both=True)
+        images_u, padding, truth = batch.unlabelled["image"], ~batch.unlabelled["valid"], batch.unlabelled["mask"]
+        labels_u = None  # without CutMix: the train-mode teacher's own argmax on the batch
+        if stage.cutmix_p > 0:
+            labels_u = pair.teach_eval(images_u).argmax(dim=1)  # (B_u, H, W) on the clean images
+            box, partner = cutmix_boxes(*images_u.shape[:1], *images_u.shape[-2:], self.generator,
+                                        p=stage.cutmix_p, device=images_u.device)
+            images_u, labels_u, padding, truth = (apply_cutmix(t, box, partner) for t in (images_u, labels_u, padding, truth))
+        images = torch.cat([batch.labelled["image"], images_u])  # (B, 3, H, W)
+        t_logits, t_features = pair.teach(images, both=True)  # entropy and features of the input the student sees
         probs = F.softmax(t_logits.float(), dim=1)  # (B, C, H, W)
-        padding = ~batch.unlabelled["valid"]
-        pseudo = u2pl.reliable_pseudo_labels(probs[n:], alpha, padding)  # (B_u, H, W), 255 = unreliable
-        self._measure(pseudo, batch.unlabelled["mask"])
+        if labels_u is None:
+            pseudo = u2pl.reliable_pseudo_labels(probs[n:], alpha, padding)  # (B_u, H, W), 255 = unreliable
+            labels_u = probs[n:].argmax(dim=1)
+        else:
+            reliable = u2pl.entropy_reliable_mask(probs[n:], alpha, padding)
+            pseudo = torch.where(reliable, labels_u, torch.full_like(labels_u, IGNORE_INDEX))
+        self._measure(pseudo, truth)
         logits, features = model(images, both=True)  # student: (B, C, H, W), (B, D, h, w)
         terms = {
             "sup": masked_cross_entropy(logits[:n], batch.labelled["mask"]),
@@ -112,15 +128,15 @@ class U2PLTerms:
         }
         if stage.contrastive_weight > 0:
             terms["contrastive"] = stage.contrastive_weight * self._contrastive(
-                features, t_features, probs, batch.labelled["mask"], padding, anchor_alpha, n,
+                features, t_features, probs, batch.labelled["mask"], labels_u, padding, anchor_alpha, n,
             )
         else:  # keep the projection head in the graph: DDP expects a gradient for every parameter
             terms["contrastive"] = zero_loss(features)
         return terms
 
-    def _contrastive(self, features, t_features, probs, mask_l, padding, anchor_alpha, n) -> torch.Tensor:
+    def _contrastive(self, features, t_features, probs, mask_l, labels_u, padding, anchor_alpha, n) -> torch.Tensor:
         size = features.shape[-2:]
-        labels_u = probs[n:].argmax(dim=1).masked_fill(padding, IGNORE_INDEX)
+        labels_u = labels_u.masked_fill(padding, IGNORE_INDEX)
         low_u, high_u = u2pl.contrastive_entropy_masks(probs[n:], anchor_alpha, padding)
         labels = resize_labels(torch.cat([mask_l, labels_u]), size)  # (B, h, w)
         valid_l = labels[:n] != IGNORE_INDEX
@@ -141,15 +157,44 @@ class U2PLTerms:
 
 
 class ReliableLabelQuality(Hook):
-    """Each epoch's quality of the reliable labels U2PL trained on (all-reduced; every rank), then reset."""
+    """Each epoch's quality of the reliable labels U2PL trained on — training crops, the train-mode
+    teacher, CutMix included — as ``train_label/*`` (all-reduced; every rank), then reset."""
 
     def __init__(self, terms: U2PLTerms, data: StageData):
         self.terms, self.data = terms, data
 
     def after_epoch(self, state: TrainState, model: torch.nn.Module) -> None:
         self.terms.quality.all_reduce()
-        state.metrics.update(loggable(quality_summary(self.terms.quality, self.data)))
+        quality = loggable(quality_summary(self.terms.quality, self.data))
+        state.metrics.update({key.replace("pseudo_label/", TRAIN_LABEL, 1): value for key, value in quality.items()})
         self.terms.quality.reset()
+
+
+class FinalLabelQuality(Hook):
+    """After training, the kept teacher's reliable labels of the whole unlabelled set in eval mode
+    at the last epoch's α_t: ``pseudo_label/*``, measured as every labelling stage measures it."""
+
+    def __init__(self, job: StageJob, ctx: WorkerContext, data: StageData, terms: U2PLTerms):
+        self.job, self.ctx, self.data, self.terms = job, ctx, data, terms
+        self.summary: dict[str, Any] = {}
+
+    def after_train(self, state: TrainState, model: torch.nn.Module) -> None:
+        alpha, _ = self.terms.fractions(state)
+        teacher = unwrap(model).teacher
+
+        def labeller(network, batch):
+            probs = predict(network, batch["image"], self.ctx)
+            return u2pl.reliable_pseudo_labels(probs, alpha, ~batch["valid"])
+
+        quality = label_samples(teacher, self.data.unlabelled, self.data, self.job, self.ctx, None, labeller)
+        if quality is not None:
+            self.summary = quality_summary(quality, self.data)
+            if self.ctx.is_main:
+                log_quality(self.ctx, self.summary, step=state.epochs)
+        teacher.train(unwrap(model).teacher_train_mode)
+
+
+TRAIN_LABEL = "train_label/"
 
 
 @register_stage(U2PLStage)
@@ -172,8 +217,10 @@ def run_u2pl(job: StageJob, ctx: WorkerContext) -> dict[str, Any]:
     )
     steps = steps_per_epoch(stage.steps_per_epoch, len(data.unlabelled), stage.unlabelled_batch_size, ctx.world_size)
     terms = U2PLTerms(stage, data.num_classes, ctx.device, job.seed * 1000 + ctx.rank)
-    hooks: list[Hook] = [EmaUpdate(), *([ReliableLabelQuality(terms, data)] if truth else [])]
-    return train_network(
+    final = FinalLabelQuality(job, ctx, data, terms)
+    hooks: list[Hook] = [EmaUpdate(), *([ReliableLabelQuality(terms, data), final] if truth else [])]
+    summary = train_network(
         job, ctx, data, pair, model_config, batches=two_streams(cycle(labelled), cycle(unlabelled)),
         steps_per_epoch=steps, compute_losses=terms, hooks=hooks,
     )
+    return {**summary, **{k: v for k, v in final.summary.items() if not isinstance(v, dict)}}
