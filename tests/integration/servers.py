@@ -257,3 +257,43 @@ class TcpProxy:
         for sock in self._sockets:
             with contextlib.suppress(OSError):
                 sock.close()
+
+
+# --- headless Chromium for tests of web UIs (the MLflow UI, Optuna's dashboard) -------------------
+
+CHROMIUM = "/usr/bin/chromium"
+CHROMEDRIVER = "/usr/bin/chromedriver"
+# The machine's network is closed: without these Chromium stalls on background connections.
+CHROMIUM_FLAGS = [
+    "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+    "--disable-background-networking", "--disable-component-update", "--disable-sync",
+    "--disable-dev-shm-usage",
+]
+
+
+def require_browser() -> None:
+    """Skip the calling test when Chromium, chromedriver or selenium is missing."""
+    pytest.importorskip("selenium.webdriver", reason="selenium not installed (pip install -e '.[test]')")
+    for binary in (CHROMIUM, CHROMEDRIVER):
+        if not Path(binary).exists():
+            pytest.skip(f"{binary} missing: apt-get install -y chromium chromium-driver")
+
+
+@contextlib.contextmanager
+def headless_chromium(width: int = 1700, height: int = 900):
+    """A selenium driver for a headless Chromium with a throwaway profile; quit on exit."""
+    require_browser()
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+
+    options = webdriver.ChromeOptions()
+    options.binary_location = CHROMIUM
+    profile = Path(tempfile.mkdtemp(prefix="selftune-chromium-"))
+    for flag in [*CHROMIUM_FLAGS, f"--window-size={width},{height}", f"--user-data-dir={profile}"]:
+        options.add_argument(flag)
+    driver = webdriver.Chrome(service=Service(CHROMEDRIVER), options=options)
+    try:
+        yield driver
+    finally:
+        driver.quit()
+        shutil.rmtree(profile, ignore_errors=True)

@@ -20,7 +20,6 @@ import re
 import shutil
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 from urllib.parse import urlparse
@@ -28,7 +27,7 @@ from urllib.parse import urlparse
 import pytest
 import yaml
 
-from servers import TcpProxy, start_mlflow_server, start_postgres
+from servers import TcpProxy, headless_chromium, require_browser, start_mlflow_server, start_postgres
 from support import REPO
 
 pytestmark = pytest.mark.slow
@@ -136,23 +135,7 @@ def test_artifacts_download_through_the_server(search, server, tmp_path):
 
 # --- the MLflow UI in headless Chromium --------------------------------------------------------
 
-CHROMIUM = "/usr/bin/chromium"
-CHROMEDRIVER = "/usr/bin/chromedriver"
 METRIC_COLUMN = "val/miou"
-# The machine's network is closed: without these Chromium stalls on background connections.
-CHROMIUM_FLAGS = [
-    "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-    "--disable-background-networking", "--disable-component-update", "--disable-sync",
-    "--disable-dev-shm-usage", "--window-size=1700,900",
-]
-
-
-def require_browser() -> None:
-    """Skip (before the search is started, for this test) when Chromium, chromedriver or selenium is missing."""
-    pytest.importorskip("selenium.webdriver", reason="selenium not installed (pip install -e '.[test]')")
-    for binary in (CHROMIUM, CHROMEDRIVER):
-        if not Path(binary).exists():
-            pytest.skip(f"{binary} missing: apt-get install -y chromium chromium-driver")
 
 
 @pytest.fixture
@@ -161,20 +144,12 @@ def browser_available() -> None:
 
 
 def test_mlflow_ui_lists_the_trials_with_params_and_val_miou(browser_available, search, server, tmp_path):
-    from selenium import webdriver
-    from selenium.webdriver.chrome.service import Service
     from selenium.webdriver.common.by import By
     from selenium.webdriver.common.keys import Keys
     from selenium.webdriver.support import expected_conditions as EC
     from selenium.webdriver.support.ui import WebDriverWait
 
-    options = webdriver.ChromeOptions()
-    options.binary_location = CHROMIUM
-    profile = Path(tempfile.mkdtemp(prefix="selftune-chromium-"))
-    for flag in [*CHROMIUM_FLAGS, f"--user-data-dir={profile}"]:
-        options.add_argument(flag)
-    driver = webdriver.Chrome(service=Service(CHROMEDRIVER), options=options)
-    try:
+    with headless_chromium() as driver:
         wait = WebDriverWait(driver, 60)
         driver.get(f"{server['url']}/#/experiments/{search['experiment'].experiment_id}/runs")
         # Run names appear once the runs table has loaded.
@@ -210,9 +185,6 @@ def test_mlflow_ui_lists_the_trials_with_params_and_val_miou(browser_available, 
         if os.environ.get("SELFTUNE_UPDATE_SCREENSHOT") == "1":
             (REPO / "docs").mkdir(exist_ok=True)
             shutil.copyfile(screenshot, REPO / "docs" / "mlflow-ui.png")
-    finally:
-        driver.quit()
-        shutil.rmtree(profile, ignore_errors=True)
 
 
 def _click_if_present(driver, xpath: str) -> None:

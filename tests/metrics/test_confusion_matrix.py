@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from selftune.metrics import ConfusionMatrix, PseudoLabelQuality, plot_confusion_matrix
+from selftune.metrics.plot import confusion_title
 
 # A 2x3 image, 3 classes, the last pixel ignored (its prediction does not count).
 TARGET = torch.tensor([[0, 0, 1], [1, 2, 255]])
@@ -127,3 +129,25 @@ def test_plot_writes_a_png(tmp_path):
 def test_plot_rejects_names_that_do_not_fit(tmp_path):
     with pytest.raises(ValueError, match=r"shape \(3, 3\) needs a square \(C, C\) matrix with C = len\(class_names\) = 2"):
         plot_confusion_matrix(torch.zeros(3, 3), ["a", "b"], tmp_path / "x.png")
+
+
+def test_title_names_the_stage_and_its_miou():
+    # IoU = TP / (row + column - TP): 5/8, 0/1 (predicted, never true), 7/9; mean 0.4676.
+    matrix = torch.tensor([[5, 1, 0], [0, 0, 0], [2, 0, 7]])
+    assert confusion_title(matrix, "supervised") == "supervised: mIoU 0.4676"
+    assert confusion_title(matrix.numpy()) == "mIoU 0.4676"
+    # A class absent from ground truth and prediction is left out, as the stages score it.
+    assert confusion_title(torch.tensor([[3, 1, 0], [1, 3, 0], [0, 0, 0]]), "self_train") == "self_train: mIoU 0.6000"
+    assert confusion_title(torch.zeros(2, 2, dtype=torch.int64)) == "mIoU n/a (no pixels)"
+
+
+def test_plot_draws_the_title_above_the_matrix(tmp_path):
+    from PIL import Image
+
+    matrix = torch.tensor([[5, 1, 0], [0, 0, 0], [2, 0, 7]])
+    names = ["road", "sky", "car"]
+    pictures = [np.asarray(Image.open(plot_confusion_matrix(matrix, names, tmp_path / f"{k}.png", **kwargs)).convert("L"))
+                for k, kwargs in enumerate([{"stage": "supervised"}, {"title": "another title, longer than that"}])]
+    assert pictures[0].shape == pictures[1].shape
+    differs = np.flatnonzero((pictures[0] != pictures[1]).any(axis=1))
+    assert differs.size and differs.max() < 0.1 * pictures[0].shape[0]  # only the top band: the title

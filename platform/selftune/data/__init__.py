@@ -1,7 +1,8 @@
 """Datasets for selftune: layouts on disk, labelled splits, augmentation and loaders.
 
 ``open_dataset(kind, root)`` lists a dataset's samples; ``split_labelled`` picks the labelled
-subset of its train split; ``SegmentationDataset`` + ``make_loader`` turn samples into batches
+subset of its train split and ``split_selection`` the val images that pick checkpoints (kept out
+of the reported val set); ``SegmentationDataset`` + ``make_loader`` turn samples into batches
 (``pad=True``, through ``pad_collate``, for images of different sizes).
 """
 
@@ -20,7 +21,7 @@ from selftune.data.layouts import (
     register_layout,
 )
 from selftune.data.loaders import InfiniteLoader, cycle, make_loader, pad_collate
-from selftune.data.splits import split_labelled
+from selftune.data.splits import split_labelled, split_selection
 from selftune.data.strong import SAUG_OPS, saug_augmentation, st_plus_plus_augmentation
 from selftune.data.transforms import eval_transform, weak_augmentation
 
@@ -43,6 +44,7 @@ __all__ = [
     "read_mask",
     "register_layout",
     "split_labelled",
+    "split_selection",
     "SAUG_OPS",
     "saug_augmentation",
     "st_plus_plus_augmentation",

@@ -36,9 +36,10 @@ def id_depth(ids: list[str]) -> int:
     return max((len(PurePosixPath(i).parts) for i in ids), default=1)
 
 
-def read_id_file(path: Path, depth: int = 1) -> list[str]:
+def read_id_file(path: Path, depth: int = 1, *, keep_repeats: bool = False) -> list[str]:
     """Ids listed in a text file, one per line; blank lines and ``#`` comments are skipped,
-    repeats keep their first position."""
+    repeats keep their first position (or, with ``keep_repeats``, all stay, for callers that
+    reject them)."""
     try:
         lines = path.read_text(encoding="utf-8").splitlines()
     except FileNotFoundError:
@@ -47,4 +48,4 @@ def read_id_file(path: Path, depth: int = 1) -> list[str]:
         raise DataError(f"cannot read split file {path}: {exc}") from None
     entries = (line.strip() for line in lines)
     ids = [normalise_id(entry, depth) for entry in entries if entry and not entry.startswith("#")]
-    return list(dict.fromkeys(ids))
+    return ids if keep_repeats else list(dict.fromkeys(ids))

@@ -24,6 +24,12 @@ mask; default: all of them). Counts and fractions then draw from the candidates 
 fraction is of the *candidate* count (``"1/8"`` of 40 masked images among 1 000 is 5); a split or
 index file may select candidates only. Every train id not selected, masked or not, is unlabelled.
 When every id is a candidate the result is exactly what it is without ``candidates``.
+
+``split_selection`` splits the *val* ids the same way into a selection set (what picks the best
+epoch and what a search optimises) and the reported set (the rest of val, only measured), so that
+the number reported is not the number selected on; ``"val"`` keeps the papers' protocol (both are
+all of val). A count or fraction is the same seeded, nested draw; a fraction f of N val ids is
+``ceil(N * f)`` images, like the labelled split, and must leave at least one image to report.
 """
 
 from __future__ import annotations
@@ -33,6 +39,7 @@ import numbers
 import os
 import pickle
 import re
+from collections import Counter
 from collections.abc import Sequence
 from fractions import Fraction
 from pathlib import Path
@@ -247,3 +254,110 @@ class _NumpyOnlyUnpickler(pickle.Unpickler):
         if module.split(".")[0] == "numpy" and name in self._ALLOWED:
             return super().find_class(module, name)
         raise pickle.UnpicklingError(f"refusing to load {module}.{name}; expected a numpy array or a list of ints")
+
+
+SELECTION_KEY = "data.selection"
+_SELECTION_VALID = (
+    "'val' (select on the reported set, the papers' protocol), a count (20), a fraction in (0, 1) (1/10, 0.1), "
+    "or a split file of val ids"
+)
+
+
+def split_selection(
+    val_ids: Sequence[str], spec: int | float | str | Path, *, seed: int, root: Path | None = None,
+) -> tuple[list[str], list[str]]:
+    """Split ``val_ids`` into (selection, reported) according to ``data.selection`` = ``spec``.
+
+    ``"val"``: both are every val id (selecting on the reported set: optimistic). A count or a
+    fraction: a seeded draw of that many val ids (the draw of ``split_labelled``: nested for one
+    seed, independent of the order ids come in), removed from the reported set. A path (relative
+    to the dataset root ``root``): a text file of val ids, one per line, in the forms split files
+    take. Selection ids come in draw or file order, reported ids in val order.
+    """
+    ids = list(val_ids)
+    if len(set(ids)) != len(ids):
+        raise DataError("val ids are not unique; a dataset must list every val image once")
+    if isinstance(spec, os.PathLike):
+        spec = os.fspath(spec)
+    if isinstance(spec, str) and spec.strip().lower() == "val":
+        return list(ids), list(ids)
+    count = _selection_count(spec, len(ids))
+    selection = _first(ids, count, seed) if count is not None else _selection_file(ids, spec, root)
+    chosen = set(selection)
+    return selection, [i for i in ids if i not in chosen]
+
+
+def _selection_count(spec: object, size: int) -> int | None:
+    """How many val images a numeric ``spec`` selects; ``None`` when it names a file."""
+    if isinstance(spec, bool) or not isinstance(spec, (numbers.Real, str)):
+        raise ConfigError(f"{SELECTION_KEY} = {spec!r} is not valid; use {_SELECTION_VALID}")
+    if isinstance(spec, numbers.Integral):
+        return _check_selection_count(int(spec), size, spec)
+    if isinstance(spec, numbers.Real):
+        if not math.isfinite(spec):
+            raise ConfigError(f"{SELECTION_KEY} = {spec!r} is not valid; use {_SELECTION_VALID}")
+        return _selection_fraction(Fraction(float(spec)).limit_denominator(10**6), size, spec)
+    text = spec.strip()
+    if _COUNT.match(text):
+        return _check_selection_count(int(text), size, spec)
+    if ratio := _RATIO.match(text):
+        if int(ratio[2]) == 0:
+            raise ConfigError(f"{SELECTION_KEY} = {spec!r} divides by zero; use {_SELECTION_VALID}")
+        return _selection_fraction(Fraction(int(ratio[1]), int(ratio[2])), size, spec)
+    if _DECIMAL.match(text):
+        return _selection_fraction(Fraction(text).limit_denominator(10**6), size, spec)
+    return None
+
+
+def _selection_fraction(fraction: Fraction, size: int, spec: object) -> int:
+    if not 0 < fraction < 1:
+        raise ConfigError(
+            f"{SELECTION_KEY} = {spec!r} is a fraction outside (0, 1); use e.g. 1/10 or 0.1 "
+            "(or 'val' to select on the whole val set)"
+        )
+    return _check_selection_count(math.ceil(size * fraction), size, spec)  # exact: Fraction arithmetic
+
+
+def _check_selection_count(n: int, size: int, spec: object) -> int:
+    """The selection must hold an image and leave at least one val image to report."""
+    if 1 <= n < size:
+        return n
+    if size <= 1:
+        raise ConfigError(
+            f"{SELECTION_KEY} = {spec!r}: the val set has {size} image(s), too few to split off a selection set; use 'val'"
+        )
+    raise ConfigError(
+        f"{SELECTION_KEY} = {spec!r} selects {n} of the {size} val images; the count must be in 1..{size - 1} "
+        "(the rest is the reported val set), or use 'val'"
+    )
+
+
+def _selection_file(ids: list[str], spec: object, root: Path | None) -> list[str]:
+    path = Path(str(spec).strip()).expanduser()
+    if not path.is_absolute() and root is not None:
+        path = Path(root) / path
+    if not path.is_file():
+        raise ConfigError(
+            f"{SELECTION_KEY} = {spec!r} is not a number and no split file {path} exists "
+            f"(relative paths are resolved against the dataset root); use {_SELECTION_VALID}"
+        )
+    listed = read_id_file(path, depth=id_depth(ids), keep_repeats=True)
+    if not listed:
+        raise ConfigError(f"{SELECTION_KEY}: split file {path} lists no ids")
+    repeated = [i for i, count in Counter(listed).items() if count > 1]
+    if repeated:
+        raise ConfigError(f"{SELECTION_KEY}: split file {path} lists {_some(repeated)} more than once")
+    known = set(ids)
+    unknown = [i for i in listed if i not in known]
+    if unknown:
+        raise ConfigError(f"{SELECTION_KEY}: split file {path} lists {len(unknown)} id(s) not in the val set: {_some(unknown)}")
+    if len(listed) == len(ids):
+        raise ConfigError(
+            f"{SELECTION_KEY}: split file {path} lists all {len(ids)} val images, leaving none to report; "
+            "list fewer, or use 'val'"
+        )
+    return listed
+
+
+def _some(ids: list[str]) -> str:
+    return ", ".join(ids[:3]) + (", ..." if len(ids) > 3 else "")

@@ -8,7 +8,9 @@ from typing import Sequence
 import numpy as np
 import torch
 
-__all__ = ["plot_confusion_matrix"]
+from selftune.metrics.confusion import iou_from_matrix, nan_mean
+
+__all__ = ["confusion_title", "plot_confusion_matrix"]
 
 ANNOTATE_UP_TO = 25  # classes; beyond that the numbers no longer fit in their cells
 
@@ -19,10 +21,21 @@ def _row_normalised(matrix: np.ndarray) -> np.ndarray:
     return np.divide(matrix, totals, out=np.zeros_like(matrix, dtype=np.float64), where=totals > 0)
 
 
+def confusion_title(matrix: torch.Tensor | np.ndarray, stage: str | None = None) -> str:
+    """``<stage>: mIoU 0.7123``, the mIoU read from ``matrix`` as the stages score it (a class absent
+    from ground truth and prediction is left out of the mean)."""
+    counts = matrix.detach().cpu() if isinstance(matrix, torch.Tensor) else torch.as_tensor(np.asarray(matrix))
+    miou = nan_mean(iou_from_matrix(counts))
+    score = "mIoU n/a (no pixels)" if miou != miou else f"mIoU {miou:.4f}"
+    return f"{stage}: {score}" if stage else score
+
+
 def plot_confusion_matrix(
-    matrix: torch.Tensor | np.ndarray, class_names: Sequence[str], path: str | Path
+    matrix: torch.Tensor | np.ndarray, class_names: Sequence[str], path: str | Path, *,
+    stage: str | None = None, title: str | None = None,
 ) -> Path:
-    """Save the row-normalised (C, C) confusion matrix (rows = ground truth) as a PNG at ``path``.
+    """Save the row-normalised (C, C) confusion matrix (rows = ground truth) as a PNG at ``path``,
+    titled ``title`` (default: ``confusion_title(matrix, stage)``, the stage name and its mIoU).
 
     Uses matplotlib's Agg canvas directly (no pyplot), so it neither needs a display nor changes
     the process-wide backend.
@@ -46,6 +59,7 @@ def plot_confusion_matrix(
     figure.colorbar(image, ax=axes, fraction=0.046, pad=0.04, label="fraction of ground-truth row")
     axes.set_xticks(range(size), labels=list(class_names), rotation=90)
     axes.set_yticks(range(size), labels=list(class_names))
+    axes.set_title(confusion_title(counts, stage) if title is None else title, fontsize=12)
     axes.set_xlabel("prediction")
     axes.set_ylabel("ground truth")
     if size <= ANNOTATE_UP_TO:
