@@ -23,11 +23,13 @@ from selftune.config.kinds import (
 )
 from selftune.config.schema import (
     PREVIOUS,
+    ClassWeighting,
     DataConfig,
     ModelConfig,
     OptimizerConfig,
     PipelineConfig,
     PseudoLabelStage,
+    PseudoLabelledTraining,
     ResourcesConfig,
     SelfTrainStage,
     StageConfig,

@@ -116,7 +116,15 @@ class TrainingStageConfig(StageConfig):
     init_from: InitFrom = None
 
 
-class SupervisedStage(TrainingStageConfig):
+class ClassWeighting(StrictModel):
+    """Class-weighted cross-entropy (seed 004 §4.2 trains with ENet's weights ``1 / ln(c + p_class)``,
+    c = 1.1, computed once from the labelled masks); ``none``: plain cross-entropy."""
+
+    class_weights: Literal["none", "enet"] = "none"
+    class_weight_c: float = Field(1.1, gt=1.0)
+
+
+class SupervisedStage(TrainingStageConfig, ClassWeighting):
     """Cross-entropy on the labelled images only."""
 
     kind: Literal["supervised"] = "supervised"
@@ -133,16 +141,21 @@ class PseudoLabelStage(StageConfig):
     threshold: Fraction01 | None = None  # keep pixels whose max softmax probability is >= threshold
 
 
-class SelfTrainStage(TrainingStageConfig):
-    """Labelled CE + ``pseudo_weight`` * CE on pseudo-labelled images (pixels labelled 255 ignored);
-    each term is the mean over its own kept pixels."""
+class PseudoLabelledTraining(TrainingStageConfig):
+    """Fields of every stage that trains on labelled images beside a pseudo-label folder."""
 
     needs_unlabelled: ClassVar[bool] = True
 
-    kind: Literal["self_train"] = "self_train"
     pseudo_labels: PseudoLabelsFrom = None  # None: the closest earlier pseudo-labelling stage
     unlabelled_batch_size: int = Field(16, ge=1)  # pseudo-labelled images per step
     pseudo_weight: float = Field(1.0, ge=0)
+
+
+class SelfTrainStage(PseudoLabelledTraining, ClassWeighting):
+    """Labelled CE + ``pseudo_weight`` * CE on pseudo-labelled images (pixels labelled 255 ignored);
+    each term is the mean over its own kept pixels."""
+
+    kind: Literal["self_train"] = "self_train"
 
 
 class PipelineConfig(StrictModel):

@@ -27,6 +27,7 @@ from selftune.search.space import SearchSpace
 from selftune.search.summary import (
     KIND_SEARCH, TrialRow, best_row, find_search_run, format_rows, merge_rows, plot_search, reported_rows, trial_rows, write_csv,
 )
+from selftune.search.dashboard import dashboard_line
 from selftune.search.callbacks import Progress, TrialRunCloser, close_open_runs
 from selftune.search.searcher import StageAwareOptunaSearch
 from selftune.search.trial import OBJECTIVE, STAGE, TRIAL_ACTOR_CPUS, TrialContext, run_trial
@@ -316,6 +317,7 @@ def format_outcome(outcome: SearchOutcome, tracking_uri: str) -> str:
         lines += [f"  {k} = {v}" for k, v in outcome.best.params.items()]
         lines.append(f"run it as a tuned final run with: selftune final --from {outcome.run_id}")
     lines.append(f"\nfolder: {outcome.folder}\nMLflow search run {outcome.run_id}; browse with: mlflow ui --backend-store-uri {tracking_uri}")
+    lines.append(dashboard_line(outcome.folder))
     if outcome.not_logged:  # last, so that it is what the user sees
         lines.append(describe_not_logged(outcome.not_logged, tracking_uri, outcome.folder / NOT_LOGGED))
         lines += [f"  {item['what']} (not created)" if item["kind"] == "run" else f"  run {item['run']}: {item['what']}"

@@ -30,7 +30,7 @@ import torch
 import torch.distributed as dist
 from pydantic import Field, field_validator
 
-from selftune.config import PseudoLabelStage, SelfTrainStage, register_stage
+from selftune.config import PseudoLabelledTraining, PseudoLabelStage, register_stage
 from selftune.config.schema import Fraction01
 from selftune.engine.context import WorkerContext
 from selftune.engine.loop import predict, to_device
@@ -58,7 +58,7 @@ class ClassBalancedLabelStage(PseudoLabelStage):
         return value
 
 
-class DstTrainStage(SelfTrainStage):
+class DstTrainStage(PseudoLabelledTraining):
     """Self-training with the dynamic loss: pseudo-labelled pixels weigh ``p_cur[label]^gamma``."""
 
     kind: Literal["dst_train"] = "dst_train"  # type: ignore[assignment]

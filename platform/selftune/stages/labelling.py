@@ -97,20 +97,25 @@ def label_and_measure(
 
 
 def quality_summary(quality: PseudoLabelQuality, data: StageData) -> dict[str, Any]:
+    """The standard pseudo-label quality (seed 004's three numbers), with per-class IoU and
+    per-class coverage ("class semi ratio": the share of a class's pixels that are kept)."""
     result = quality.compute()
-    per_class = dict(zip(data.class_names, result["per_class_iou"]))
     return {
         "pseudo_label/miou": result["miou"],
         "pseudo_label/kept_fraction": result["kept_fraction"],
         "pseudo_label/class_coverage": result["class_coverage"],
-        "pseudo_label/iou": {f"pseudo_label/iou/{name}": iou for name, iou in per_class.items()},
+        "pseudo_label/iou": {f"pseudo_label/iou/{name}": v for name, v in zip(data.class_names, result["per_class_iou"])},
+        "pseudo_label/coverage": {
+            f"pseudo_label/coverage/{name}": v for name, v in zip(data.class_names, result["per_class_coverage"])
+        },
     }
 
 
 def loggable(summary: dict[str, Any]) -> dict[str, float]:
-    """A quality summary as flat metrics (per-class IoU unpacked, NaN left out)."""
+    """A quality summary as flat metrics (per-class values unpacked, NaN left out)."""
     flat = {k: v for k, v in summary.items() if not isinstance(v, dict)}
-    flat.update({k: v for k, v in summary.get("pseudo_label/iou", {}).items() if v == v})
+    for per_class in (v for v in summary.values() if isinstance(v, dict)):
+        flat.update({k: v for k, v in per_class.items() if v == v})
     return flat
 
 
@@ -132,7 +137,8 @@ def log_overlays(job: StageJob, ctx: WorkerContext, data: StageData, labels_dir:
         if sample.mask is not None:
             panels.insert(0, read_mask(sample.mask, data.num_classes, data.index.label_map))
         name = sample.id.replace("/", "_")
-        path = save_overlay(folder / f"{name}.png", read_image(sample.image), panels, data.num_classes, scale=2)
+        path = save_overlay(folder / f"{name}.png", read_image(sample.image), panels, data.num_classes, scale=2,
+                            class_names=data.class_names)
         ctx.tracker.log_artifact(path, "pseudo_label_overlays")
 
 

@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from pydantic import Field
 
-from selftune.config import SelfTrainStage, register_stage
+from selftune.config import PseudoLabelledTraining, register_stage
 from selftune.config.schema import Fraction01
 from selftune.data import IGNORE_INDEX, TwoStreamBatch, saug_augmentation
 from selftune.engine.context import WorkerContext
@@ -35,7 +35,7 @@ from selftune.stages.self_train import pseudo_labelled_batches
 from selftune.stages.training import initial_model, train_network
 
 
-class SaugDsbnStage(SelfTrainStage):
+class SaugDsbnStage(PseudoLabelledTraining):
     """Student training with SAUG, DSBN and the self-correction loss (each switchable)."""
 
     kind: Literal["saug_dsbn_train"] = "saug_dsbn_train"  # type: ignore[assignment]

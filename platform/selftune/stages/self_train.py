@@ -13,29 +13,33 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from selftune.config import SelfTrainStage, register_stage
+from selftune.config import PseudoLabelledTraining, SelfTrainStage, register_stage
 from selftune.data import IGNORE_INDEX, TwoStreamBatch, cycle, two_streams
 from selftune.engine.context import WorkerContext
-from selftune.methods.common import masked_cross_entropy
+from selftune.methods.common import class_weighted_cross_entropy, masked_cross_entropy
 from selftune.stages.data import StageData, prepare_data, training_loader
 from selftune.stages.job import StageJob
-from selftune.stages.training import initial_model, steps_per_epoch, train_network
+from selftune.stages.training import enet_weights, initial_model, steps_per_epoch, train_network
 
 
-def self_training_terms(pseudo_weight: float):
-    """Loss terms of one two-stream batch: labelled CE, ``pseudo_weight`` · CE on pseudo labels."""
+def self_training_terms(pseudo_weight: float, class_weights: torch.Tensor | None = None):
+    """Loss terms of one two-stream batch: labelled CE, ``pseudo_weight`` · CE on pseudo labels
+    (both class-weighted with ``class_weights`` (C,) when given)."""
 
     def compute(model, batch: TwoStreamBatch, state=None) -> dict[str, torch.Tensor]:
         logits = model(batch.joint("image"))  # (B_l + B_u, C, H, W)
         n = batch.n_labelled
         masks = batch.joint("mask")
+        if class_weights is not None:
+            seg = class_weighted_cross_entropy(logits[:n], masks[:n], class_weights)
+            return {"seg": seg, "pseudo": pseudo_weight * class_weighted_cross_entropy(logits[n:], masks[n:], class_weights)}
         seg = F.cross_entropy(logits[:n], masks[:n], ignore_index=IGNORE_INDEX)
         return {"seg": seg, "pseudo": pseudo_weight * masked_cross_entropy(logits[n:], masks[n:])}
 
     return compute
 
 
-def pseudo_labelled_batches(job: StageJob, ctx: WorkerContext, data: StageData, stage: SelfTrainStage, samples=None, **loader):
+def pseudo_labelled_batches(job: StageJob, ctx: WorkerContext, data: StageData, stage: PseudoLabelledTraining, samples=None, **loader):
     """Labelled batches beside pseudo-labelled ones (``job.inputs["pseudo_labels"]``), and the steps
     per epoch: one pass over the pseudo-labelled images unless the stage says otherwise."""
     config = job.pipeline.data
@@ -56,4 +60,4 @@ def run_self_train(job: StageJob, ctx: WorkerContext) -> dict[str, Any]:
     network, model_config = initial_model(job, data.num_classes)
     batches, steps = pseudo_labelled_batches(job, ctx, data, stage)
     return train_network(job, ctx, data, network, model_config, batches=batches, steps_per_epoch=steps,
-                         compute_losses=self_training_terms(stage.pseudo_weight))
+                         compute_losses=self_training_terms(stage.pseudo_weight, enet_weights(stage, data, ctx)))

@@ -47,7 +47,7 @@ from selftune.stages.job import PSEUDO_LABELS_FOLDER, SNAPSHOTS_FOLDER, StageJob
 from selftune.stages.labelling import label_and_measure, log_quality, quality_summary
 from selftune.stages.self_train import pseudo_labelled_batches, self_training_terms
 from selftune.stages.supervised import cross_entropy_terms
-from selftune.stages.training import ModelConfig, initial_model, steps_per_epoch, train_network
+from selftune.stages.training import ModelConfig, enet_weights, initial_model, steps_per_epoch, train_network
 from selftune.stages.tta import TtaLabelStage, tta_labeller
 
 ST_PLUS_PLUS_SCALES = [0.5, 0.75, 1.0, 1.5, 2.0]  # the authors' label() scales
@@ -239,7 +239,7 @@ def run_st_retrain(job: StageJob, ctx: WorkerContext) -> dict[str, Any]:
     batches, steps = pseudo_labelled_batches(job, ctx, data, stage, samples=samples, transform=transform)
     ctx.log(f"  [{stage.name}] re-training on {len(data.labelled)} labelled + {len(samples)} pseudo-labelled images")
     summary = train_network(job, ctx, data, network, model_config, batches=batches, steps_per_epoch=steps,
-                            compute_losses=self_training_terms(stage.pseudo_weight))
+                            compute_losses=self_training_terms(stage.pseudo_weight, enet_weights(stage, data, ctx)))
     return {**summary, "pseudo_labelled_images": len(samples)}
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import torch
 import torch.nn.functional as F
 
 from selftune.config import SupervisedStage, register_stage
@@ -11,11 +12,23 @@ from selftune.data import IGNORE_INDEX, cycle
 from selftune.engine.context import WorkerContext
 from selftune.stages.data import prepare_data, training_loader
 from selftune.stages.job import StageJob
-from selftune.stages.training import initial_model, steps_per_epoch, train_network
+from selftune.methods.common import class_weighted_cross_entropy
+from selftune.stages.training import enet_weights, initial_model, steps_per_epoch, train_network
 
 
 def cross_entropy_terms(model, batch, state=None) -> dict:
     return {"seg": F.cross_entropy(model(batch["image"]), batch["mask"], ignore_index=IGNORE_INDEX)}
+
+
+def supervised_terms(class_weights: torch.Tensor | None):
+    """Plain cross-entropy, or class-weighted with ``class_weights`` (C,)."""
+    if class_weights is None:
+        return cross_entropy_terms
+
+    def compute(model, batch, state=None) -> dict:
+        return {"seg": class_weighted_cross_entropy(model(batch["image"]), batch["mask"], class_weights)}
+
+    return compute
 
 
 @register_stage(SupervisedStage)
@@ -26,4 +39,4 @@ def run_supervised(job: StageJob, ctx: WorkerContext) -> dict[str, Any]:
     loader = training_loader(data, data.labelled, job.pipeline.data, ctx, batch_size=stage.batch_size, seed=job.seed)
     steps = steps_per_epoch(stage.steps_per_epoch, len(data.labelled), stage.batch_size, ctx.world_size)
     return train_network(job, ctx, data, network, model_config, batches=cycle(loader), steps_per_epoch=steps,
-                         compute_losses=cross_entropy_terms)
+                         compute_losses=supervised_terms(enet_weights(stage, data, ctx)))

@@ -17,8 +17,11 @@ from typing import Any, Callable, Iterator, Sequence
 import torch
 from torch import nn
 
+from selftune.config import ClassWeighting
+from selftune.data import read_mask
 from selftune.engine.context import WorkerContext
 from selftune.engine.loop import Batch, Hook, LossFn, TrainState, evaluate, fit, unwrap
+from selftune.methods.auxnet import enet_class_weights
 from selftune.metrics import ConfusionMatrix, plot_confusion_matrix
 from selftune.models import build_model, load_checkpoint, save_checkpoint
 from selftune.stages.data import StageData, evaluation_loader
@@ -178,7 +181,7 @@ def finish_training(
     if ctx.is_main:
         ctx.tracker.log_metrics(final, step=job.stage.epochs)
         picture = job.output("confusion_matrix.png")
-        plot_confusion_matrix(confusion.matrix, data.class_names, picture)
+        plot_confusion_matrix(confusion.matrix, data.class_names, picture, title=f"{job.stage.name}: val mIoU {miou:.4f} (epoch {keep.best_epoch})")
         ctx.tracker.log_artifact(picture)
     return summary
 
@@ -186,6 +189,17 @@ def finish_training(
 def _finite(metrics: dict[str, float]) -> dict[str, float]:
     """MLflow stores NaN, but a class never seen is better left out than charted as NaN."""
     return {k: v for k, v in metrics.items() if v == v}
+
+
+def enet_weights(stage: ClassWeighting, data: StageData, ctx: WorkerContext) -> torch.Tensor | None:
+    """The stage's ENet class weights from the labelled masks (logged as ``class_weight/<class>``),
+    or None for plain cross-entropy. The same on every rank: every rank reads every labelled mask."""
+    if stage.class_weights == "none":
+        return None
+    masks = (torch.from_numpy(read_mask(s.mask, data.num_classes, data.index.label_map)).long() for s in data.labelled)
+    weights = enet_class_weights(masks, data.num_classes, c=stage.class_weight_c).float()
+    ctx.tracker.log_metrics({f"class_weight/{name}": w for name, w in zip(data.class_names, weights.tolist())}, step=0)
+    return weights
 
 
 def steps_per_epoch(configured: int | None, dataset_size: int, batch_size: int, world_size: int) -> int:
