@@ -95,7 +95,10 @@ def command_run(args: argparse.Namespace) -> int:
 
     import selftune.stages  # noqa: F401  (registers every stage kind before the YAML is validated)
 
+    from selftune.models import check_model_name
+
     pipeline = load_pipeline(args.pipeline, args.overrides)
+    check_model_name(pipeline.model.name, args.pipeline)  # not in selftune.config: it must not import torch
     tracking_uri = resolve_tracking_uri(args.tracking_uri)
     print(f"selftune run {args.pipeline}: {len(pipeline.stages)} stages, "
           f"{pipeline.resources.workers or 'local-mode'} worker(s); MLflow {tracking_uri}", flush=True)

@@ -35,6 +35,8 @@ def load_pipeline(path: str | Path, overrides: Iterable[str] = ()) -> PipelineCo
 
 def read_yaml(path: str | Path) -> dict[str, Any]:
     path = Path(path)
+    if path.is_dir():
+        raise ConfigError(f"{path}: is a folder, not a YAML file")
     if not path.is_file():
         raise ConfigError(f"{path}: no such file")
     try:

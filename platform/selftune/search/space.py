@@ -366,7 +366,10 @@ def load_search_space(path: str | Path, overrides: list[str] | None = None) -> S
 def check_paths(space: SearchSpace) -> None:
     """Every parameter path must exist in the pipeline (as written, or as a schema default), and
     every bound, choice and branch must give a valid pipeline."""
+    from selftune.models import check_model_name  # here, not in selftune.config: it imports torch
+
     base = validate_pipeline(space.raw_pipeline, source=f"{space.source} (pipeline {space.pipeline_path})")
+    check_model_name(base.model.name, f"{space.source} (pipeline {space.pipeline_path})")
     resolved = pipeline_to_dict(base)
     known = set(flatten(resolved))
     for path in space.params:
@@ -378,9 +381,9 @@ def check_paths(space: SearchSpace) -> None:
         if path in known or any(key.startswith(path + ".") for key in known):
             continue
         raise ConfigError(f"{space.source}: params.{path}: no such value in the pipeline {space.pipeline_path}")
-    for sample in space.corner_samples():
+    for sample in space.corner_samples():  # every choice of a categorical model.name is one corner
         try:
-            space.pipeline_for(sample)
+            check_model_name(space.pipeline_for(sample).model.name, str(space.pipeline_path))
         except ConfigError as error:
             shown = ", ".join(f"{k}={v!r}" for k, v in sample.items())
             raise ConfigError(f"{space.source}: the sample {{{shown}}} gives an invalid pipeline: {error}") from None
