@@ -123,3 +123,54 @@ def test_unreadable_image_in_a_subprocess_gives_exit_2_and_no_traceback(tmp_path
     assert str(root / "images" / "img1.png") in line
     runs = assert_no_run_left_running(tracking_uri)
     assert runs and {run.info.status for run in runs} == {"FAILED"}
+
+
+def test_pipeline_path_that_is_a_folder_says_so(tmp_path, capsys, tracking_uri):
+    code, err = run_cli(["run", str(tmp_path), "--tracking-uri", tracking_uri], capsys)
+    assert code == 2
+    (line,) = error_lines(err)
+    assert line == f"selftune: error: {tmp_path}: is a folder, not a YAML file"
+
+
+def test_unknown_model_name_is_caught_at_load_naming_the_key(tmp_path, capsys, tracking_uri):
+    code, err = run_cli(["run", QUICKSTART, "--set", "model.name=nope", "--out", str(tmp_path / "out"),
+                         "--tracking-uri", tracking_uri], capsys)
+    assert code == 2
+    (line,) = error_lines(err)
+    assert "model.name: unknown model 'nope'; registered models are: " in line and "small_segnet" in line
+    assert not (tmp_path / "mlflow.db").exists() and not (tmp_path / "out").exists()  # before any run or folder
+
+
+def test_unknown_model_name_in_a_search_is_caught_when_the_space_loads(tmp_path):
+    from selftune.errors import ConfigError
+    from selftune.search.space import load_search_space
+
+    with pytest.raises(ConfigError, match=r"model\.name: unknown model 'nope'; registered models are: .*small_segnet"):
+        load_search_space(REPO / "search_spaces" / "quickstart.yaml", ["model.name=nope"])
+
+
+def test_unreachable_database_uri_is_one_line_within_seconds(tmp_path):
+    import time
+
+    uri = "postgresql+psycopg2://someone:secret@127.0.0.1:1/mlflow"  # nothing listens on port 1
+    started = time.monotonic()
+    result = subprocess.run([sys.executable, "-m", "selftune", "run", QUICKSTART, *TINY, "--out", str(tmp_path / "out"),
+                             "--tracking-uri", uri], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert time.monotonic() - started < 30  # MLflow alone retried for 104 s
+    (line,) = error_lines(result.stderr)
+    assert "postgresql+psycopg2://someone:***@127.0.0.1:1/mlflow is unreachable" in line
+    assert "Traceback" not in result.stderr and "secret" not in result.stderr
+
+
+def test_database_uri_without_its_driver_names_the_package(tmp_path, capsys):
+    import importlib.util
+
+    if importlib.util.find_spec("psycopg") is not None:
+        pytest.skip("psycopg (SQLAlchemy's default PostgreSQL driver) is installed here")
+    code, err = run_cli(["run", QUICKSTART, "--out", str(tmp_path / "out"),
+                         "--tracking-uri", "postgresql://someone@127.0.0.1:1/mlflow"], capsys)
+    assert code == 2
+    (line,) = error_lines(err)
+    assert "postgresql://someone@127.0.0.1:1/mlflow: its database driver 'psycopg' is not installed" in line
+    assert "psycopg2" in line and "postgresql+psycopg2://someone@127.0.0.1:1/mlflow" in line

@@ -3,6 +3,8 @@ conditional groups, and conversion of a sample into pipeline values."""
 
 from __future__ import annotations
 
+import re
+
 import optuna
 import pytest
 import yaml
@@ -30,9 +32,15 @@ def test_the_shipped_spaces_load():
 
 
 @pytest.mark.parametrize("spec, message", [
-    ({"type": "float", "low": 0.9, "high": 0.5}, r"params\.stages\.pseudo_label\.threshold: low must be <= high, but low=0\.9 > high=0\.5"),
-    ({"type": "float", "low": 0.0, "high": 0.5, "log": True}, r"log=true needs low > 0, but low=0\.0"),
-    ({"type": "int", "low": 1, "high": 5, "log": True, "step": 2}, r"log=true cannot be combined with a step"),
+    # Optuna's own rules, in Optuna's words: the space builds Optuna's distributions to validate
+    ({"type": "float", "low": 0.9, "high": 0.5},
+     r"params\.stages\.pseudo_label\.threshold: not a valid Optuna distribution: `low <= high` must hold, but got \(low=0\.9, high=0\.5\)"),
+    ({"type": "float", "low": 0.0, "high": 0.5, "log": True}, r"`low > 0` must hold for `log=True`, but got \(low=0\.0"),
+    ({"type": "int", "low": 1, "high": 5, "log": True, "step": 2}, r"only accept step is 1 when `log` argument is True"),
+    ({"type": "float", "low": 0.5, "high": 0.9, "log": True, "step": 1}, r"`step` is not supported when `log` is true"),
+    ({"type": "float", "low": 0.5, "high": 0.9, "step": 0}, r"`step > 0` must hold"),
+    ({"type": "int", "low": 0, "high": 3, "log": True}, r"`low >= 1` must hold for `log=True`"),
+    ({"type": "float", "low": 0.5, "high": float("inf")}, r"\.high: Input should be a finite number"),
     ({"type": "categorical", "choices": []}, r"choices: List should have at least 1 item"),
     ({"type": "uniform", "low": 0, "high": 1}, r"\.type: unknown parameter type 'uniform'; valid: categorical, conditional, float, int"),
     ({"type": "float", "low": 0.5, "high": 0.9, "lo": 1}, r"\.lo: unknown key; valid keys are: type, low, high, log, step"),
@@ -116,6 +124,48 @@ def test_optuna_samples_only_the_chosen_branch(tmp_path):
         space.pipeline_for(trial.params)  # every sample is a valid pipeline
         study.tell(trial, 0.0)
     assert shapes == {"linear", "step", "cosine"}
+
+
+QUICK_SPACE = {
+    "stages.pseudo_label.threshold": {"type": "float", "low": 0.5, "high": 0.9},
+    "stages.self_train.optimizer.lr": {"type": "float", "low": 1.0e-4, "high": 1.0e-2, "log": True},
+    "stages.supervised.optimizer.lr": {"type": "categorical", "choices": [0.002, 0.004]},
+    "stages.self_train.epochs": {"type": "int", "low": 1, "high": 5, "step": 2},
+}
+
+
+@pytest.mark.parametrize("name, value, valid", [
+    ("stages.self_train.optimizer.lr", 5.0, r"0\.0001\.\.0\.01 \(log\)"),  # issue 12: lr 5.0 ran
+    ("stages.pseudo_label.threshold", 0.2, r"0\.5\.\.0\.9"),
+    ("stages.supervised.optimizer.lr", 0.003, r"one of 0\.002, 0\.004"),
+    ("stages.self_train.epochs", 2, r"1\.\.5 in steps of 2"),  # off the step grid
+    ("stages.self_train.epochs", True, r"1\.\.5 in steps of 2"),  # YAML true is not 1
+    ("stages.pseudo_label.threshold", "high", r"0\.5\.\.0\.9"),
+])
+def test_points_to_evaluate_outside_the_space_are_refused_at_load(tmp_path, name, value, valid):
+    point = {"stages.pseudo_label.threshold": 0.7, name: value}
+    path = write_space(tmp_path, QUICK_SPACE, searcher={"points_to_evaluate": [{}, point]})
+    with pytest.raises(ConfigError) as error:
+        load_search_space(path)
+    message = str(error.value)
+    assert message.startswith(f"{path}: searcher.points_to_evaluate.1.{name}: {value!r} is outside the searched space")
+    assert re.search(f"valid: {valid}$", message) and "\n" not in message
+
+
+def test_points_to_evaluate_inside_the_space_load(tmp_path):
+    point = {"stages.pseudo_label.threshold": 0.9, "stages.self_train.optimizer.lr": 1.0e-4,
+             "stages.supervised.optimizer.lr": 0.004, "stages.self_train.epochs": 5}
+    load_search_space(write_space(tmp_path, QUICK_SPACE, searcher={"points_to_evaluate": [point]}))
+
+
+def test_a_point_in_a_conditional_group_is_checked_in_its_branch(tmp_path):
+    chosen = {f"{ALPHA}.shape": "cosine"}  # the cosine branch's end is sampled; the point is completed there
+    load_search_space(write_space(tmp_path, CONDITIONAL, pipeline=DST_CBC, searcher={"points_to_evaluate": [chosen]}))
+    for point, key in [({f"{ALPHA}.shape": "exp"}, f"{ALPHA}.shape"),
+                       ({f"{ALPHA}.shape": "step", f"{ALPHA}.step.factor": 1.2}, f"{ALPHA}.step.factor")]:
+        path = write_space(tmp_path, CONDITIONAL, pipeline=DST_CBC, searcher={"points_to_evaluate": [point]})
+        with pytest.raises(ConfigError, match=rf"points_to_evaluate\.0\.{re.escape(key)}: .* is outside the searched space"):
+            load_search_space(path)
 
 
 def test_a_schedule_corner_that_leaves_the_valid_range_is_caught(tmp_path):

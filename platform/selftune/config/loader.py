@@ -18,6 +18,7 @@ from selftune.config.paths import deep_copy, set_dotted
 from selftune.config.rounds import expand_rounds
 from selftune.config.schema import PREVIOUS, PipelineConfig, StageConfig
 from selftune.errors import ConfigError
+from selftune.models.registry import check_model_name
 
 
 def load_pipeline(path: str | Path, overrides: Iterable[str] = ()) -> PipelineConfig:
@@ -27,6 +28,8 @@ def load_pipeline(path: str | Path, overrides: Iterable[str] = ()) -> PipelineCo
 
 def read_yaml(path: str | Path) -> dict[str, Any]:
     path = Path(path)
+    if path.is_dir():
+        raise ConfigError(f"{path}: is a folder, not a YAML file")
     if not path.is_file():
         raise ConfigError(f"{path}: no such file")
     try:
@@ -55,6 +58,7 @@ def validate_pipeline(raw: dict[str, Any], *, source: str, overrides: Iterable[s
         pipeline = PipelineConfig.model_validate(raw)
     except ValidationError as error:
         raise ConfigError(_describe(error, source, raw)) from None
+    check_model_name(pipeline.model.name, source)
     return resolve_references(pipeline, source)
 
 

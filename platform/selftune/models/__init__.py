@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from selftune.models.checkpoint import load_checkpoint, save_checkpoint
 from selftune.models.network import BlockInfo, SegmentationNetwork, parameter_groups
-from selftune.models.registry import available_models, build_model, register_model
+from selftune.models.registry import available_models, build_model, check_model_name, register_model
 
 # Model modules register themselves on import.
 from selftune.models import deeplabv2  # noqa: F401  deeplabv2_resnet50, deeplabv2_resnet101
@@ -21,6 +21,7 @@ __all__ = [
     "SegmentationNetwork",
     "available_models",
     "build_model",
+    "check_model_name",
     "load_checkpoint",
     "parameter_groups",
     "register_model",

@@ -28,6 +28,13 @@ def available_models() -> list[str]:
     return sorted(_MODELS)
 
 
+def check_model_name(name: str, source: str) -> None:
+    """At load, before any run exists: ``model.name`` must be a registered model."""
+    if name not in _MODELS:
+        raise ConfigError(f"{source}: model.name: unknown model {name!r}; registered models are: "
+                          f"{', '.join(available_models())}")
+
+
 def build_model(name: str, num_classes: int, **options: Any) -> SegmentationNetwork:
     if name not in _MODELS:
         raise ConfigError(f"unknown model {name!r}; available models are: {', '.join(available_models())}")

@@ -20,17 +20,18 @@ Optuna names the sampled values by their dotted path; a conditional group sample
 ``<path>.<key>`` and then only its chosen branch's ``<path>.<branch>.<name>`` values, and the
 pipeline receives ``{key: branch, **branch values}`` at ``path``.
 
-Everything is validated the way Optuna's distributions are (``low <= high``, ``log`` needs
-``low > 0``), and every path is checked against the pipeline, before Ray starts.
+Each parameter is validated by building its Optuna distribution (Optuna's own rules: ``low <=
+high``, ``log`` needs ``low > 0`` and no step, ...), ``points_to_evaluate`` are checked against
+those distributions, and every path is checked against the pipeline, before Ray starts.
 """
 
 from __future__ import annotations
 
-import math
 from pathlib import Path
 from typing import Any, Literal, Union
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from optuna.distributions import BaseDistribution, CategoricalDistribution, FloatDistribution, IntDistribution
+from pydantic import BaseModel, ConfigDict, Field, FiniteFloat, ValidationError, model_validator
 
 from selftune.config import PipelineConfig, flatten, pipeline_to_dict, read_yaml, validate_pipeline
 from selftune.config.paths import deep_copy, get_dotted, set_dotted
@@ -41,34 +42,50 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
-class _RangeParam(_Strict):
-    """Shared check of a numeric range, as Optuna's distributions do it."""
+class _Distribution(_Strict):
+    """A parameter whose rules are Optuna's: validation builds its Optuna distribution, so a space
+    that loads is one Optuna can sample (its ValueError becomes the one-line error)."""
 
     @model_validator(mode="after")
     def _check(self):
-        _check_range(self.low, self.high, self.log, self.step)
+        try:
+            self.distribution()
+        except ValueError as error:
+            raise ValueError(f"not a valid Optuna distribution: {error}") from None
         return self
 
+    def distribution(self) -> BaseDistribution:
+        raise NotImplementedError
 
-class FloatParam(_RangeParam):
+
+class FloatParam(_Distribution):
     type: Literal["float"]
-    low: float
-    high: float
+    low: FiniteFloat  # Optuna does not refuse inf/nan bounds; pydantic's finite type does
+    high: FiniteFloat
     log: bool = False
-    step: float | None = None
+    step: FiniteFloat | None = None
+
+    def distribution(self) -> FloatDistribution:
+        return FloatDistribution(self.low, self.high, log=self.log, step=self.step)
 
 
-class IntParam(_RangeParam):
+class IntParam(_Distribution):
     type: Literal["int"]
     low: int
     high: int
     log: bool = False
     step: int = 1
 
+    def distribution(self) -> IntDistribution:
+        return IntDistribution(self.low, self.high, log=self.log, step=self.step)
 
-class CategoricalParam(_Strict):
+
+class CategoricalParam(_Distribution):
     type: Literal["categorical"]
     choices: list[Any] = Field(min_length=1)
+
+    def distribution(self) -> CategoricalDistribution:
+        return CategoricalDistribution(self.choices)
 
 
 Leaf = Union[FloatParam, IntParam, CategoricalParam]
@@ -80,19 +97,6 @@ class ConditionalParam(_Strict):
     type: Literal["conditional"]
     key: str  # the mapping key the chosen branch name goes to (e.g. "shape"); not "on": YAML reads that as true
     branches: dict[str, dict[str, Any]] = Field(min_length=1)
-
-
-def _check_range(low: float, high: float, log: bool, step: float | None) -> None:
-    if not (math.isfinite(low) and math.isfinite(high)):
-        raise ValueError("low and high must be finite numbers")
-    if low > high:
-        raise ValueError(f"low must be <= high, but low={low} > high={high}")
-    if log and low <= 0:
-        raise ValueError(f"log=true needs low > 0, but low={low}")
-    if log and step not in (None, 1):
-        raise ValueError("log=true cannot be combined with a step")
-    if step is not None and step <= 0:
-        raise ValueError(f"step must be > 0, but step={step}")
 
 
 class Objective(_Strict):
@@ -219,15 +223,32 @@ class SearchSpace:
 
     def param_names(self) -> list[str]:
         """Every name Optuna may sample, conditional branches included."""
-        names = []
+        return list(self.distributions())
+
+    def distributions(self) -> dict[str, BaseDistribution]:
+        """Optuna's distribution of every name it may sample (a group's branch is a categorical)."""
+        found: dict[str, BaseDistribution] = {}
         for path, param in self.params.items():
             if isinstance(param, ConditionalParam):
-                names.append(f"{path}.{param.key}")
+                found[f"{path}.{param.key}"] = CategoricalDistribution(list(param.branches))
                 for branch, items in param.branches.items():
-                    names += [f"{path}.{branch}.{key}" for key, item in items.items() if _is_leaf(item)]
+                    found.update({f"{path}.{branch}.{key}": item.distribution() for key, item in items.items()
+                                  if _is_leaf(item)})
             else:
-                names.append(path)
-        return names
+                found[path] = param.distribution()
+        return found
+
+    def completed(self, point: dict[str, Any]) -> dict[str, Any]:
+        """A partial sample (a point to evaluate) with each missing value at a bound or first
+        choice, of the branch the point chose: a full sample to check the pipeline with."""
+        sample: dict[str, Any] = {}
+        for path, param in self.params.items():
+            options = _extremes_at(path, param)
+            fitting = [option for option in options
+                       if all(point.get(name, value) == value for name, value in option.items()
+                              if isinstance(param, ConditionalParam) and name == f"{path}.{param.key}")]
+            sample.update((fitting or options)[0])
+        return {**sample, **point}
 
 
 def _extremes_at(path: str, param: Leaf | ConditionalParam) -> list[dict[str, Any]]:
@@ -357,19 +378,49 @@ def check_paths(space: SearchSpace) -> None:
         if path in known or any(key.startswith(path + ".") for key in known):
             continue
         raise ConfigError(f"{space.source}: params.{path}: no such value in the pipeline {space.pipeline_path}")
-    for sample in space.corner_samples():
+    for sample in space.corner_samples():  # every choice of a categorical model.name is one corner
         try:
-            space.pipeline_for(sample)
+            space.pipeline_for(sample)  # validates it, model.name included
         except ConfigError as error:
             shown = ", ".join(f"{k}={v!r}" for k, v in sample.items())
             raise ConfigError(f"{space.source}: the sample {{{shown}}} gives an invalid pipeline: {error}") from None
     for i, point in enumerate(space.config.searcher.points_to_evaluate):
-        unknown = sorted(set(point) - set(space.param_names()))
-        if unknown:
-            raise ConfigError(
-                f"{space.source}: searcher.points_to_evaluate.{i}: unknown parameter {unknown[0]!r}; "
-                f"valid: {', '.join(space.param_names())}"
-            )
+        check_point(space, point, f"{space.source}: searcher.points_to_evaluate.{i}")
+
+
+def check_point(space: SearchSpace, point: dict[str, Any], where: str) -> None:
+    """A point to evaluate must name sampled parameters, lie in their distributions (as Optuna
+    decides for a fixed parameter) and, completed to a full sample, give a valid pipeline."""
+    distributions = space.distributions()
+    for name, value in point.items():
+        distribution = distributions.get(name)
+        if distribution is None:
+            raise ConfigError(f"{where}: unknown parameter {name!r}; valid: {', '.join(distributions)}")
+        if not _contains(distribution, value):
+            raise ConfigError(f"{where}.{name}: {value!r} is outside the searched space; valid: {_describe(distribution)}")
+    try:
+        space.pipeline_for(space.completed(point))
+    except ConfigError as error:
+        raise ConfigError(f"{where}: gives an invalid pipeline: {error}") from None
+
+
+def _contains(distribution: BaseDistribution, value: Any) -> bool:
+    """Optuna's own test of a fixed (enqueued) value: ``to_internal_repr`` refuses a choice not
+    listed or a non-number, ``_contains`` a number off the bounds or the step grid."""
+    if isinstance(value, bool) and not isinstance(distribution, CategoricalDistribution):
+        return False  # YAML true is not the number 1
+    try:
+        return distribution._contains(distribution.to_internal_repr(value))
+    except (ValueError, TypeError):
+        return False
+
+
+def _describe(distribution: BaseDistribution) -> str:
+    if isinstance(distribution, CategoricalDistribution):
+        return "one of " + ", ".join(repr(choice) for choice in distribution.choices)
+    step = f" in steps of {distribution.step}" if distribution.step not in (None, 1) else ""
+    log = " (log)" if distribution.log else ""
+    return f"{distribution.low}..{distribution.high}{step}{log}"
 
 
 def _is_leaf(value: Any) -> bool:

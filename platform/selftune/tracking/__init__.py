@@ -22,9 +22,10 @@ from selftune.tracking.runs import (
     take_not_logged,
     write_not_logged,
 )
+from selftune.tracking.store import StoreUnreachable, prepare_store
 
 __all__ = [
     "KIND_PIPELINE", "KIND_STAGE", "NOT_LOGGED", "NullTracker", "RunTracker", "TrackingUnreachable", "absorb_not_logged",
     "attempt", "client", "create_run", "describe_not_logged", "ensure_experiment", "finish_run", "not_logged", "offline",
-    "require_reachable", "resolve_tracking_uri", "take_not_logged", "write_not_logged",
+    "prepare_store", "require_reachable", "resolve_tracking_uri", "StoreUnreachable", "take_not_logged", "write_not_logged",
 ]

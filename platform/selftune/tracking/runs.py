@@ -68,7 +68,11 @@ def client(tracking_uri: str):
 
 
 def require_reachable(tracking_uri: str) -> None:
-    """Fail fast (one line, naming the URI) when a tracking server does not answer ``/health``."""
+    """Fail fast (one line, naming the URI) when a tracking server does not answer ``/health`` or
+    a database does not connect; make a SQLite store safe for several processes (``prepare_store``)."""
+    from selftune.tracking.store import prepare_store
+
+    prepare_store(tracking_uri)
     if not _server_healthy(tracking_uri):
         raise TrackingUnreachable(
             f"MLflow tracking server at {tracking_uri} is unreachable (GET /health failed); start it, "
