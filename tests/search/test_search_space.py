@@ -64,9 +64,9 @@ def test_a_path_that_is_not_in_the_pipeline_is_an_error(tmp_path):
 
 
 def test_schema_defaults_are_searchable_even_when_the_yaml_omits_them(tmp_path):
-    # quickstart.yaml does not write gamma; the schema's default makes it a real value.
-    space = load_search_space(write_space(tmp_path, {"stages.self_train.gamma": {"type": "float", "low": 0, "high": 9}}))
-    assert space.pipeline_for({"stages.self_train.gamma": 4.5}).stage("self_train").gamma == 4.5
+    # quickstart.yaml does not write pseudo_weight; the schema's default makes it a real value.
+    space = load_search_space(write_space(tmp_path, {"stages.self_train.pseudo_weight": {"type": "float", "low": 0, "high": 2}}))
+    assert space.pipeline_for({"stages.self_train.pseudo_weight": 1.5}).stage("self_train").pseudo_weight == 1.5
 
 
 def test_a_bound_the_pipeline_rejects_is_caught_before_ray_starts(tmp_path):
@@ -107,7 +107,7 @@ def test_a_conditional_group_becomes_the_chosen_schedule(tmp_path):
     labels = [stage for stage in pipeline.stages if stage.kind == "class_balanced_label"]
     # 5 rounds, step schedule 0.2 x2 at rounds 2 and 4 (0-based indices): 0.2 0.2 0.4 0.4 0.8
     assert [round(stage.alpha, 6) for stage in labels] == [0.2, 0.2, 0.4, 0.4, 0.8]
-    assert {stage.gamma for stage in pipeline.stages if stage.kind == "self_train"} == {2.0}
+    assert {stage.gamma for stage in pipeline.stages if stage.kind == "dst_train"} == {2.0}
 
 
 def test_optuna_samples_only_the_chosen_branch(tmp_path):

@@ -38,7 +38,7 @@ def run_on_ray_train(order: WorkOrder, resources: ResourcesConfig, *, name: str,
     from ray.train.torch import TorchTrainer
 
     if resources.workers > 0:
-        ensure_ray()
+        ensure_ray(temp_dir=storage_path)
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"order": order, "precision": resources.precision},

@@ -181,7 +181,7 @@ def _fit(space: SearchSpace, folder: Path, state: dict[str, Any], tracking_uri: 
 
     from selftune.engine.cluster import ensure_ray
 
-    ensure_ray(worker_output=False)
+    ensure_ray(worker_output=False, temp_dir=folder)
     context = TrialContext(space=space, tracking_uri=tracking_uri, experiment_id=state["experiment_id"],
                            search_run_id=state["search_run_id"], cache_root=str(folder / "stage-cache"),
                            not_logged_dir=str(folder / "not_logged"))
