@@ -21,10 +21,21 @@ def _number(value: float | None, percent: bool = False) -> str:
     return f"{100 * value:.1f}" if percent else f"{value:.4f}"
 
 
-def stage_rows(stages) -> list[list[str]]:
+OPTIMISTIC = ("val mIoU: each stage's best epoch was chosen on val itself (data.selection: val, the papers' "
+              "protocol), so these numbers are optimistic; --set data.selection=20 holds out 20 val images to choose on")
+
+
+def selects_on_val(stages) -> bool:
+    """Whether the best epochs were chosen on the reported val images themselves."""
+    chosen = [s.summary for s in stages if "select/miou" in s.summary]
+    return bool(chosen) and all(summary["select/miou"] == summary.get("val/miou") for summary in chosen)
+
+
+def stage_rows(stages, *, with_selection: bool = False) -> list[list[str]]:
     return [
         [
             s.name, s.kind,
+            *([_number(s.summary.get("select/miou"))] if with_selection else []),
             _number(s.summary.get("val/miou")),
             _number(s.summary.get("pseudo_label/miou")),
             _number(s.summary.get("pseudo_label/kept_fraction"), percent=True),
@@ -35,5 +46,8 @@ def stage_rows(stages) -> list[list[str]]:
 
 
 def print_stage_table(result) -> None:
-    headers = ["stage", "kind", "val mIoU", "pseudo-label mIoU", "kept %", "wall time"]
-    print("\n" + format_table(headers, stage_rows(result.stages)))
+    on_val = selects_on_val(result.stages)
+    headers = ["stage", "kind", *([] if on_val else ["select mIoU"]), "val mIoU", "pseudo-label mIoU", "kept %", "wall time"]
+    print("\n" + format_table(headers, stage_rows(result.stages, with_selection=not on_val)))
+    if on_val:
+        print(OPTIMISTIC)

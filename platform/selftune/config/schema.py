@@ -28,6 +28,11 @@ class DataConfig(StrictModel):
     root: str | None = None  # None: the built-in synthetic dataset's cache folder
     options: dict[str, Any] = {}  # passed to the layout reader, e.g. {num_classes: 5} for a folder without classes.txt
     labelled: int | float | str = 12  # a count (100), a fraction (1/8, 0.125) or a split file
+    # Where model selection happens. "val": on the reported set (the papers' protocol; the numbers
+    # it chooses are optimistic). A count (20), a fraction (1/10) or a split file: a draw of val
+    # images that choose best epochs (select/miou) and are removed from the reported val set.
+    selection: int | float | str = "val"
+    selection_seed: int = 0  # the selection draw's seed: the same reported set for every pipeline seed
     crop_size: int = Field(64, ge=8)
     scale_range: tuple[float, float] = (0.5, 2.0)
     hflip: bool = True

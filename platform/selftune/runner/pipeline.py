@@ -30,7 +30,15 @@ class PipelineResult:
 
     @property
     def val_miou(self) -> float | None:
-        values = [s.summary["val/miou"] for s in self.stages if "val/miou" in s.summary]
+        """The last training stage's val mIoU (measured at the epoch the selection images chose)."""
+        return self._last("val/miou")
+
+    @property
+    def select_miou(self) -> float | None:
+        return self._last("select/miou")
+
+    def _last(self, key: str) -> float | None:
+        values = [s.summary[key] for s in self.stages if key in s.summary]
         return values[-1] if values else None
 
 
@@ -101,5 +109,5 @@ def run_pipeline(
             on_stage_start=on_stage_start,
         )
         if result.val_miou is not None:
-            tracker.log_metrics({"val/miou": result.val_miou})
+            tracker.log_metrics({"val/miou": result.val_miou, "select/miou": result.select_miou})
     return result

@@ -33,7 +33,7 @@ from selftune.runner.cache import stage_key
 from selftune.stages import RESULT, SUMMARY, StageJob, artifact_path
 from selftune.tracking import KIND_STAGE, NOT_LOGGED, RunTracker, absorb_not_logged, create_run, finish_run
 
-SUMMARY_KEYS = ("val/miou", "pseudo_label/miou", "pseudo_label/kept_fraction", "pseudo_label/class_coverage")
+SUMMARY_KEYS = ("select/miou", "val/miou", "pseudo_label/miou", "pseudo_label/kept_fraction", "pseudo_label/class_coverage")
 
 Executor = Callable[[StageJob], None]  # runs a stage's function on its workers (rank 0 leaves RESULT)
 

@@ -207,7 +207,8 @@ def run_aux_confidence(job: StageJob, ctx: WorkerContext) -> dict[str, Any]:
         job.output(CHECKPOINT), {}, ctx, metric="aux/val_auc",
         save=lambda folder, net, facts: save_aux(folder, net, {**record, "epoch": facts["epoch"], "val_auc": facts["aux_val_auc"]}),
     )
-    hooks = [EvaluateAux(seg, evaluation_loader(data, data.index.val, config, ctx), ctx), keep,
+    # Ranked on the selection images (val under the papers' protocol), never on the reported ones alone.
+    hooks = [EvaluateAux(seg, evaluation_loader(data, data.selection, config, ctx), ctx), keep,
              LogEpoch(ctx, stage.name, shown="aux/val_auc"), ReportEpoch(ctx)]
     fit(AuxiliaryConfidenceNet(**architecture), batches, epochs=stage.epochs, steps_per_epoch=steps,
         compute_losses=aux_loss_terms(seg, ctx, frequency, stage.c, gamma), optimizer=stage.optimizer, ctx=ctx, hooks=hooks)

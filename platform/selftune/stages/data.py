@@ -4,7 +4,7 @@ every worker compute the same one."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Sequence
 
@@ -20,6 +20,7 @@ from selftune.data import (
     make_loader,
     open_dataset,
     split_labelled,
+    split_selection,
     weak_augmentation,
 )
 from selftune.engine.context import WorkerContext
@@ -30,6 +31,13 @@ class StageData:
     index: DatasetIndex
     labelled: list[Sample]
     unlabelled: list[Sample]
+    selection: list[Sample] = field(default_factory=list)  # chooses best epochs (select/miou)
+    reported: list[Sample] = field(default_factory=list)  # val minus the selection images (val/miou)
+
+    @property
+    def selects_on_val(self) -> bool:
+        """The papers' protocol: the selection images are the reported ones."""
+        return self.selection == self.reported
 
     @property
     def num_classes(self) -> int:
@@ -41,7 +49,7 @@ class StageData:
 
     def only_unlabelled(self, samples: Sequence[Sample]) -> StageData:
         """The same data with ``samples`` as the unlabelled set (a labelling stage's subset)."""
-        return StageData(self.index, self.labelled, list(samples))
+        return replace(self, unlabelled=list(samples))
 
 
 def prepare_data(config: DataConfig, seed: int) -> StageData:
@@ -52,7 +60,12 @@ def prepare_data(config: DataConfig, seed: int) -> StageData:
     labelled_ids, unlabelled_ids = split_labelled(
         list(by_id), config.labelled, seed=seed, root=index.root, candidates=with_masks,
     )
-    return StageData(index, [by_id[i] for i in labelled_ids], [by_id[i] for i in unlabelled_ids])
+    val_by_id = {sample.id: sample for sample in index.val}
+    selection_ids, reported_ids = split_selection(list(val_by_id), config.selection, seed=config.selection_seed, root=index.root)
+    return StageData(
+        index, [by_id[i] for i in labelled_ids], [by_id[i] for i in unlabelled_ids],
+        selection=[val_by_id[i] for i in selection_ids], reported=[val_by_id[i] for i in reported_ids],
+    )
 
 
 def has_ground_truth(samples: Sequence[Sample]) -> bool:

@@ -55,16 +55,25 @@ def initial_model(job: StageJob, num_classes: int) -> tuple[nn.Module, ModelConf
 # --------------------------------------------------------------------------------------------
 
 
-class EvaluateOnVal(Hook):
-    """``val/miou`` and ``val/pixel_accuracy`` of the network after each epoch; keeps the confusion."""
+class EvaluateSplits(Hook):
+    """After each epoch: ``select/miou`` on the selection images (what ranks checkpoints) and
+    ``val/miou`` on the reported val images (val minus the selection). Under the papers' protocol
+    (``data.selection: val``) the two sets are one, evaluated once; both names carry the value."""
 
-    def __init__(self, loader, num_classes: int, ctx: WorkerContext):
-        self.loader, self.num_classes, self.ctx = loader, num_classes, ctx
-        self.confusion: ConfusionMatrix | None = None
+    def __init__(self, data: StageData, config, ctx: WorkerContext):
+        self.ctx, self.num_classes = ctx, data.num_classes
+        self.reported = evaluation_loader(data, data.reported, config, ctx)
+        self.selection = None if data.selects_on_val else evaluation_loader(data, data.selection, config, ctx)
+        self.confusion: ConfusionMatrix | None = None  # the reported set's, of the last epoch
 
     def after_epoch(self, state: TrainState, model: nn.Module) -> None:
-        self.confusion = evaluate(model, self.loader, self.num_classes, self.ctx)
+        self.confusion = evaluate(model, self.reported, self.num_classes, self.ctx)
         state.metrics.update({"val/miou": self.confusion.miou(), "val/pixel_accuracy": self.confusion.pixel_accuracy()})
+        if self.selection is None:
+            state.metrics["select/miou"] = state.metrics["val/miou"]
+            return
+        selected = evaluate(model, self.selection, self.num_classes, self.ctx)
+        state.metrics.update({"select/miou": selected.miou(), "select/pixel_accuracy": selected.pixel_accuracy()})
 
 
 class KeepBest(Hook):
@@ -72,7 +81,7 @@ class KeepBest(Hook):
     into the one to save (e.g. DSBN's back into the plain network). NaN ranks below any value."""
 
     def __init__(
-        self, folder: Path, model_config: ModelConfig, ctx: WorkerContext, *, metric: str = "val/miou",
+        self, folder: Path, model_config: ModelConfig, ctx: WorkerContext, *, metric: str = "select/miou",
         export: Callable[[nn.Module], nn.Module] | None = None, on_best: Callable[[TrainState], None] | None = None,
         save: Callable[[Path, nn.Module, dict[str, Any]], None] | None = None,
     ):
@@ -150,7 +159,7 @@ def train_network(
 ) -> dict[str, Any]:
     """Train ``network`` for the stage's epochs with the standard hooks; return the stage summary."""
     stage = job.stage
-    evaluation = EvaluateOnVal(evaluation_loader(data, data.index.val, job.pipeline.data, ctx), data.num_classes, ctx)
+    evaluation = EvaluateSplits(data, job.pipeline.data, ctx)
     best_confusion: dict[str, torch.Tensor] = {}
     keep = KeepBest(
         job.output(CHECKPOINT), model_config, ctx, export=export,
@@ -171,13 +180,15 @@ def finish_training(
     job: StageJob, ctx: WorkerContext, data: StageData, keep: KeepBest, matrix: torch.Tensor,
     *, extra_summary: dict[str, float] | None = None,
 ) -> dict[str, Any]:
-    """Log the kept checkpoint's val metrics (as the last ``val/miou`` point) and its confusion matrix."""
+    """Log the kept checkpoint's metrics (as the last ``select/miou`` and ``val/miou`` points: the
+    epoch the selection images chose, measured on the reported images) and its confusion matrix."""
     confusion = ConfusionMatrix(data.num_classes)
     confusion.matrix = matrix
     per_class = {f"val/iou/{name}": iou for name, iou in zip(data.class_names, confusion.iou().tolist())}
-    miou = keep.best_metrics["val/miou"]
-    final = {"val/miou": miou, "val/best_epoch": keep.best_epoch, **_finite(per_class)}
-    summary = {"val/miou": miou, "val/best_epoch": keep.best_epoch, "val/iou": per_class, **(extra_summary or {})}
+    miou, selected = keep.best_metrics["val/miou"], keep.best_metrics["select/miou"]
+    chosen = {"select/miou": selected, "val/miou": miou, "val/best_epoch": keep.best_epoch}
+    final = {**chosen, **_finite(per_class)}
+    summary = {**chosen, "val/iou": per_class, **(extra_summary or {})}
     if ctx.is_main:
         ctx.tracker.log_metrics(final, step=job.stage.epochs)
         picture = job.output("confusion_matrix.png")
