@@ -130,12 +130,18 @@ class Progress(Callback):
         self.total, self.mode, self.say, self.stage_names = total, mode, say, stage_names
         self.best: float | None = None
         self.done = 0
-        self.ended: int | None = None  # trials ended (finished, stopped or failed), all sessions, at the end
+        self._ended_ids: set[str] | None = None  # trials that ended (finished, stopped or failed), all sessions
 
-    def on_experiment_end(self, trials, **info) -> None:
-        # Tune's own states, restored trials included: a trial interrupted mid-stage has not ended,
-        # whatever its last report (MLflow and Tune's results would count it as stopped).
-        self.ended = sum(1 for t in trials if t.status in ("TERMINATED", "ERROR"))
+    @property
+    def ended(self) -> int | None:
+        """How many trials ended, earlier sessions included. Not Tune's states at the end: on an
+        interrupt Tune marks every trial it tears down TERMINATED (after saving them as running),
+        and not their last report, by which an interrupted trial looks stopped."""
+        return None if self._ended_ids is None else len(self._ended_ids)
+
+    def on_step_begin(self, iteration, trials, **info) -> None:
+        if self._ended_ids is None:  # the first step: trials a resumed search restored as ended
+            self._ended_ids = {t.trial_id for t in trials if t.status in ("TERMINATED", "ERROR")}
 
     def on_trial_result(self, iteration, trials, trial, result, **info) -> None:
         value = result.get(OBJECTIVE)
@@ -151,6 +157,7 @@ class Progress(Callback):
 
     def _finished(self, trials, trial, how: str) -> None:
         self.done += 1
+        self._ended_ids = (self._ended_ids or set()) | {trial.trial_id}
         result = trial.last_result or {}
         if how == "done" and result.get(STAGE) == result.get("stages_total") and OBJECTIVE in result:
             value = result[OBJECTIVE]
