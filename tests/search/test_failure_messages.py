@@ -60,3 +60,10 @@ def test_the_interrupt_count_is_the_trials_that_ended():
         trial.status = "TERMINATED"
     progress.on_experiment_end(trials)
     assert progress.ended == 2
+
+
+def test_a_resumed_search_that_had_ended_counts_its_trials():
+    # Tune takes no step when every restored trial has ended; the count comes from their states.
+    progress = Progress(total=2, mode="max", say=lambda line: None)
+    progress.on_experiment_end([SimpleNamespace(trial_id=f"t{i}", status="TERMINATED") for i in range(2)])
+    assert progress.ended == 2

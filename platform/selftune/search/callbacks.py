@@ -143,6 +143,10 @@ class Progress(Callback):
         if self._ended_ids is None:  # the first step: trials a resumed search restored as ended
             self._ended_ids = {t.trial_id for t in trials if t.status in ("TERMINATED", "ERROR")}
 
+    def on_experiment_end(self, trials, **info) -> None:
+        if self._ended_ids is None:  # no step ran (a resumed search that had already ended): nothing was torn down
+            self.on_step_begin(0, trials)
+
     def on_trial_result(self, iteration, trials, trial, result, **info) -> None:
         value = result.get(OBJECTIVE)
         hit = " (stage cache hit)" if result.get("cache_hit") else ""

@@ -220,7 +220,7 @@ def _fit(space: SearchSpace, folder: Path, state: dict[str, Any], tracking_uri: 
             ),
         )
     results = tuner.fit()
-    return results, progress_callback.ended if progress_callback.ended is not None else len(results)
+    return results, progress_callback.ended or 0  # None: stopped before its first step
 
 
 def _drop_incomplete_trials_line(record: logging.LogRecord) -> bool:
