@@ -13,12 +13,18 @@ import signal
 import threading
 
 
-def sigterm_as_interrupt() -> None:
-    """From now on SIGTERM does what SIGINT does here: Tune's handler while a search fits (it stops
-    the trials and saves Tune's state), else ``KeyboardInterrupt``. Only the main thread may set
-    handlers; elsewhere this does nothing."""
+def sigterm_as_interrupt(*, through_sigint_handler: bool = False) -> None:
+    """From now on SIGTERM raises ``KeyboardInterrupt``; with ``through_sigint_handler`` it calls
+    the SIGINT handler instead (the search driver: while Tune fits, Tune's handler stops the trials
+    and saves Tune's state, and Ctrl-C must not raise mid-step). Not through it elsewhere: Ray
+    Train's ``fit()`` leaves a SIGINT handler of its own that aborts the stage and exits 1.
+    Only the main thread may set handlers; elsewhere this does nothing."""
     if threading.current_thread() is threading.main_thread():
-        signal.signal(signal.SIGTERM, _as_sigint)
+        signal.signal(signal.SIGTERM, _as_sigint if through_sigint_handler else _raise_interrupt)
+
+
+def _raise_interrupt(signum, frame) -> None:
+    raise KeyboardInterrupt
 
 
 def _as_sigint(signum, frame) -> None:

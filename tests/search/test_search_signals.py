@@ -123,3 +123,17 @@ def test_sigkill_right_after_an_asha_stop_resumes_consistently(tmp_path, small_s
     finish(space, env)
     finish(space, env)  # a second resume of a finished search changes nothing
     assert_each_trial_once(tmp_path, env, "kill", samples=4)
+
+
+def test_sigterm_ends_a_run_on_ray_workers_killed(tmp_path, small_synthetic):
+    """``selftune run`` with a worker group starts Ray, whose start replaces the SIGTERM handler."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}"}
+    sets = [f"{key}={value}" for key, value in {**TINY, "data.root": str(small_synthetic), "resources.workers": 1,
+                                                 "stages.supervised.steps_per_epoch": 400}.items()]
+    run = subprocess.Popen([sys.executable, "-m", "selftune", "run", str(REPO / "pipelines" / "quickstart.yaml"),
+                            "--out", str(tmp_path / "out"), *[arg for item in sets for arg in ("--set", item)]],
+                           cwd=tmp_path, env=env, text=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    output = signal_when(run, "", signal.SIGTERM, has="Started training worker group")  # Ray is up, the stage trains
+    assert run.returncode == 130, output[-3000:]
+    runs = mlflow_runs(env)
+    assert runs and {run.info.status for run in runs} == {"KILLED"}

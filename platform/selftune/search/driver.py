@@ -182,7 +182,8 @@ def _fit(space: SearchSpace, folder: Path, state: dict[str, Any], tracking_uri: 
     from selftune.engine.cluster import ensure_ray
 
     ensure_ray(worker_output=False)
-    sigterm_as_interrupt()  # Ray's start replaced ours; SIGTERM must stop Tune as Ctrl-C does, not exit
+    # Ray's start replaced ours; SIGTERM must stop Tune as Ctrl-C does, not exit.
+    sigterm_as_interrupt(through_sigint_handler=True)
     # A failed trial is one line in the progress and in MLflow; its traceback stays in its error file.
     os.environ.setdefault("TUNE_PRINT_ALL_TRIAL_ERRORS", "0")
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")  # the new output prints a failed trial's result table whatever `verbose` says
