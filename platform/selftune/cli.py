@@ -5,12 +5,12 @@ from __future__ import annotations
 import argparse
 import logging
 import os
-import signal
 import sys
 from pathlib import Path
 from typing import Sequence
 
 from selftune.errors import SelftuneError
+from selftune.interrupts import sigterm_as_interrupt
 
 EXIT_BAD_INPUT = 2
 EXIT_INTERRUPTED = 130
@@ -62,7 +62,7 @@ def _add_common(parser: argparse.ArgumentParser) -> None:
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     _quiet_libraries()
-    signal.signal(signal.SIGTERM, _interrupt)  # `ray job stop` and schedulers send SIGTERM: end runs as KILLED
+    sigterm_as_interrupt()  # `ray job stop` and schedulers send SIGTERM: end runs as KILLED, like Ctrl-C
     try:
         return COMMANDS[args.command](args)
     except SelftuneError as error:
@@ -72,10 +72,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         detail = f" ({interrupt})" if str(interrupt) else ""
         print(f"selftune: interrupted{detail}; MLflow runs were ended as KILLED", file=sys.stderr)
         return EXIT_INTERRUPTED
-
-
-def _interrupt(signum, frame) -> None:
-    raise KeyboardInterrupt
 
 
 def _quiet_libraries() -> None:
@@ -97,6 +93,12 @@ def command_run(args: argparse.Namespace) -> int:
     tracking_uri = resolve_tracking_uri(args.tracking_uri)
     print(f"selftune run {args.pipeline}: {len(pipeline.stages)} stages, "
           f"{pipeline.resources.workers or 'local-mode'} worker(s); MLflow {tracking_uri}", flush=True)
+    if pipeline.resources.workers > 0:
+        # Start Ray now rather than at the first stage: its start replaces our SIGTERM handler.
+        from selftune.engine.cluster import ensure_ray
+
+        ensure_ray()
+        sigterm_as_interrupt()
     result = run_pipeline(
         pipeline, out=args.out, tracking_uri=tracking_uri, experiment=args.experiment,
         on_stage_start=lambda i, stage: print(stage_header(i, len(pipeline.stages), stage), flush=True),

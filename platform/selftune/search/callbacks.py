@@ -3,13 +3,80 @@
 from __future__ import annotations
 
 import math
-from typing import Callable
+import os
+import re
+from typing import Any, Callable
 
 from ray.tune import Callback
 
+from selftune.errors import SelftuneError
 from selftune.search.searcher import stopped_early
 from selftune.search.trial import OBJECTIVE, STAGE
 from selftune.tracking import attempt, client
+
+StageNames = Callable[[dict[str, Any]], list[str]]  # a trial's config -> its pipeline's stage names
+_COLOUR = re.compile(r"\x1b\[[0-9;]*m")
+
+
+def failure_reason(error: BaseException | None) -> str:
+    """The one line a person needs from a trial's error: the innermost cause (Ray wraps an error
+    once per process it crossed), its first line, without Ray's colour codes."""
+    while error is not None and getattr(error, "cause", None) not in (None, error):
+        error = error.cause
+    if error is None:
+        return "unknown error"
+    text = _COLOUR.sub("", str(error)).strip()
+    first = text.splitlines()[0].strip() if text else ""
+    if isinstance(error, SelftuneError) and first:
+        return first  # selftune's own messages say what happened and what to change
+    return f"{type(error).__name__}: {first}" if first else type(error).__name__
+
+
+def trial_failure(trial, stage_names: StageNames | None = None) -> str:
+    """``stage <name>: <reason>`` for a trial Tune saw fail (its traceback stays in its error file)."""
+    try:
+        reason = failure_reason(_pickled_error(trial))
+    except Exception:  # noqa: BLE001 - an error that does not unpickle: its text's last line names it
+        text = _COLOUR.sub("", _error_text(trial)).strip()
+        reason = text.splitlines()[-1].strip() if text else "unknown error"
+    done = (trial.last_result or {}).get(STAGE, 0)  # stages done: the failing one is the next
+    names = _stage_names(trial, stage_names)
+    return f"stage {names[done]}: {reason}" if done < len(names) else reason
+
+
+def _pickled_error(trial) -> BaseException | None:
+    """The error Tune pickled for the trial: in the driver's trial folder at once (``get_pickled_error``
+    reads the storage copy, which Tune syncs later)."""
+    import cloudpickle
+
+    path = trial.pickled_error_file
+    if path and os.path.exists(path):
+        with open(path, "rb") as f:
+            return cloudpickle.load(f)
+    return trial.get_pickled_error()
+
+
+def _error_text(trial) -> str:
+    path = trial.error_file
+    if path and os.path.exists(path):
+        with open(path) as f:
+            return f.read()
+    return str(trial.get_error() or "")
+
+
+def error_file(trial) -> str | None:
+    """The trial's error file (the full traceback) in the search folder, where it outlives Ray's session."""
+    name = trial.run_metadata.error_filename
+    return os.path.join(trial.path, name) if name and trial.path else trial.error_file
+
+
+def _stage_names(trial, stage_names: StageNames | None) -> list[str]:
+    if stage_names is None:
+        return []
+    try:
+        return stage_names(trial.config)
+    except Exception:  # noqa: BLE001 - naming the stage is a courtesy, never a second failure
+        return []
 
 
 class TrialRunCloser(Callback):
@@ -17,8 +84,9 @@ class TrialRunCloser(Callback):
     the trial's process: stopped early by the scheduler (FINISHED + ``selftune.stopped_early``),
     crashed (FAILED with the reason) — and no stage run under them stays RUNNING."""
 
-    def __init__(self, tracking_uri: str):
+    def __init__(self, tracking_uri: str, stage_names: StageNames | None = None):
         self.tracking_uri = tracking_uri
+        self.stage_names = stage_names
 
     def on_trial_complete(self, iteration, trials, trial, **info) -> None:
         result = trial.last_result or {}
@@ -45,20 +113,39 @@ class TrialRunCloser(Callback):
         if not run_id:
             return
         mlflow = client(self.tracking_uri)
-        reason = f"trial {trial.trial_id} failed; Tune's error file: {getattr(trial, 'error_file', None)}"
+        reason = trial_failure(trial, self.stage_names)
         _close_children(mlflow, run_id, "FAILED", reason)
+        _shorten_stage_errors(mlflow, run_id, reason.split(": ", 1)[-1] if reason.startswith("stage ") else reason)
+        # The trial's own process tagged its run with Ray's whole traceback: one line instead.
+        mlflow.set_tag(run_id, "selftune.error", reason)
+        mlflow.set_tag(run_id, "selftune.error_file", str(error_file(trial)))
         if mlflow.get_run(run_id).info.status == "RUNNING":
-            mlflow.set_tag(run_id, "selftune.error", reason)
             mlflow.set_terminated(run_id, "FAILED")
 
 
 class Progress(Callback):
     """Tune callback: one line per finished stage and trial, with the best objective so far."""
 
-    def __init__(self, total: int, mode: str, say: Callable[[str], None]):
-        self.total, self.mode, self.say = total, mode, say
+    def __init__(self, total: int, mode: str, say: Callable[[str], None], stage_names: StageNames | None = None):
+        self.total, self.mode, self.say, self.stage_names = total, mode, say, stage_names
         self.best: float | None = None
         self.done = 0
+        self._ended_ids: set[str] | None = None  # trials that ended (finished, stopped or failed), all sessions
+
+    @property
+    def ended(self) -> int | None:
+        """How many trials ended, earlier sessions included. Not Tune's states at the end: on an
+        interrupt Tune marks every trial it tears down TERMINATED (after saving them as running),
+        and not their last report, by which an interrupted trial looks stopped."""
+        return None if self._ended_ids is None else len(self._ended_ids)
+
+    def on_step_begin(self, iteration, trials, **info) -> None:
+        if self._ended_ids is None:  # the first step: trials a resumed search restored as ended
+            self._ended_ids = {t.trial_id for t in trials if t.status in ("TERMINATED", "ERROR")}
+
+    def on_experiment_end(self, trials, **info) -> None:
+        if self._ended_ids is None:  # no step ran (a resumed search that had already ended): nothing was torn down
+            self.on_step_begin(0, trials)
 
     def on_trial_result(self, iteration, trials, trial, result, **info) -> None:
         value = result.get(OBJECTIVE)
@@ -70,10 +157,11 @@ class Progress(Callback):
         self._finished(trials, trial, "done")
 
     def on_trial_error(self, iteration, trials, trial, **info) -> None:
-        self._finished(trials, trial, "FAILED")
+        self._finished(trials, trial, f"FAILED ({trial_failure(trial, self.stage_names)})")
 
     def _finished(self, trials, trial, how: str) -> None:
         self.done += 1
+        self._ended_ids = (self._ended_ids or set()) | {trial.trial_id}
         result = trial.last_result or {}
         if how == "done" and result.get(STAGE) == result.get("stages_total") and OBJECTIVE in result:
             value = result[OBJECTIVE]
@@ -92,6 +180,14 @@ def _run_of_trial(tracking_uri: str, trial_id: str) -> str | None:
         filter_string=f"tags.`selftune.trial_id` = '{trial_id}' and tags.`selftune.kind` = 'trial'", max_results=1,
     )
     return runs[0].info.run_id if runs else None
+
+
+def _shorten_stage_errors(mlflow, trial_run_id: str, reason: str) -> None:
+    """A stage run that failed by itself was tagged with its process's whole (Ray) traceback."""
+    experiment_id = mlflow.get_run(trial_run_id).info.experiment_id
+    for run in mlflow.search_runs([experiment_id], filter_string=f"tags.`mlflow.parentRunId` = '{trial_run_id}' and attributes.status = 'FAILED'"):
+        if "\n" in run.data.tags.get("selftune.error", ""):
+            mlflow.set_tag(run.info.run_id, "selftune.error", reason)
 
 
 def _close_children(mlflow, parent_run_id: str, status: str, reason: str) -> None:

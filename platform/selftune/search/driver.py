@@ -12,8 +12,11 @@ not get (from the driver, the trials and their stages' workers) ends up in ``<fo
 
 from __future__ import annotations
 
+import functools
 import json
+import logging
 import math
+import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,6 +26,7 @@ import yaml
 
 from selftune.config import flatten
 from selftune.errors import ConfigError
+from selftune.interrupts import sigterm_as_interrupt
 from selftune.search.space import SearchSpace
 from selftune.search.summary import (
     KIND_SEARCH, TrialRow, best_row, find_search_run, format_rows, merge_rows, plot_search, reported_rows, trial_rows, write_csv,
@@ -82,7 +86,7 @@ def run_search(
     started = time.monotonic()
     mark = len(not_logged())
     try:
-        results = _fit(space, folder, state, tracking_uri, resume, progress)
+        results, ended = _fit(space, folder, state, tracking_uri, resume, progress)
     except BaseException as error:
         if isinstance(error, KeyboardInterrupt):
             close_open_runs(tracking_uri, state["experiment_id"], run_id, "KILLED", "interrupted")
@@ -97,9 +101,9 @@ def run_search(
                                           tracking_uri, "read", "read the trial runs back", run=run_id, default=[])
     _gather_trials_not_logged(folder)
     rows = merge_rows(logged, reported_rows(results), prefer_reported=len(not_logged()) > mark or offline())
-    if _interrupted(space, rows, started):
-        # Tune ends fit() quietly on Ctrl-C, after saving its state: say so, and keep it resumable.
-        reason = f"interrupted after {_ended(rows)} of {expected_trials(space)} trials; continue with --resume"
+    if _interrupted(space, ended, started):
+        # Tune ends fit() quietly on Ctrl-C (and SIGTERM), after saving its state: say so, and keep it resumable.
+        reason = f"interrupted after {ended} of {expected_trials(space)} trials; continue with --resume"
         close_open_runs(tracking_uri, state["experiment_id"], run_id, "KILLED", reason)
         finish_run(tracking_uri, run_id, "KILLED", reason=reason)
         _say(save_not_logged(folder, mark), folder, tracking_uri, progress)
@@ -138,15 +142,12 @@ def expected_trials(space: SearchSpace) -> int:
     return budget
 
 
-def _ended(rows: list[TrialRow]) -> int:
-    return sum(row.status in ("FINISHED", "STOPPED", "FAILED") for row in rows)
-
-
-def _interrupted(space: SearchSpace, rows: list[TrialRow], started: float) -> bool:
+def _interrupted(space: SearchSpace, ended: int, started: float) -> bool:
+    """``ended``: trials Tune saw finish, stop or fail (a trial interrupted mid-stage has not ended)."""
     limit = space.config.budget.time_limit_s
     if limit is not None and time.monotonic() - started >= limit:
         return False  # the time budget ended the search
-    return _ended(rows) < expected_trials(space)
+    return ended < expected_trials(space)
 
 
 def _open_search_run(space: SearchSpace, folder: Path, tracking_uri: str, experiment: str | None, resume: bool) -> dict[str, Any]:
@@ -182,12 +183,22 @@ def _fit(space: SearchSpace, folder: Path, state: dict[str, Any], tracking_uri: 
     from selftune.engine.cluster import ensure_ray
 
     ensure_ray(worker_output=False, temp_dir=folder)
+    # Ray's start replaced ours; SIGTERM must stop Tune as Ctrl-C does, not exit.
+    sigterm_as_interrupt(through_sigint_handler=True)
+    # A failed trial is one line in the progress and in MLflow; its traceback stays in its error file.
+    os.environ.setdefault("TUNE_PRINT_ALL_TRIAL_ERRORS", "0")
+    os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")  # the new output prints a failed trial's result table whatever `verbose` says
+    logging.getLogger("ray.tune.tune").addFilter(_drop_incomplete_trials_line)
     context = TrialContext(space=space, tracking_uri=tracking_uri, experiment_id=state["experiment_id"],
                            search_run_id=state["search_run_id"], cache_root=str(folder / "stage-cache"),
                            not_logged_dir=str(folder / "not_logged"))
     trainable = ray.tune.with_resources(ray.tune.with_parameters(run_trial, context=context), {"cpu": TRIAL_ACTOR_CPUS})
-    callbacks = [TrialRunCloser(tracking_uri), Progress(space.config.budget.num_samples, space.config.objective.mode, progress)]
+    stage_names = functools.partial(_stage_names, space)
+    progress_callback = Progress(space.config.budget.num_samples, space.config.objective.mode, progress, stage_names)
+    callbacks = [TrialRunCloser(tracking_uri, stage_names), progress_callback]
     tune_path = folder / "tune"
+    if resume and not ray.tune.Tuner.can_restore(str(tune_path)):
+        _forget_study(folder, space.name)
     if resume and ray.tune.Tuner.can_restore(str(tune_path)):
         progress(f"resuming the Tune experiment in {tune_path}")
         tuner = ray.tune.Tuner.restore(str(tune_path), trainable=trainable, resume_unfinished=True, resume_errored=False)
@@ -210,7 +221,27 @@ def _fit(space: SearchSpace, folder: Path, state: dict[str, Any], tracking_uri: 
                 failure_config=ray.tune.FailureConfig(max_failures=0, fail_fast=False),
             ),
         )
-    return tuner.fit()
+    results = tuner.fit()
+    return results, progress_callback.ended or 0  # None: stopped before its first step
+
+
+def _drop_incomplete_trials_line(record: logging.LogRecord) -> bool:
+    """Tune's "Trials did not complete: [...]": the progress lines and the table already say which failed."""
+    return not record.getMessage().startswith("Trials did not complete")
+
+
+def _stage_names(space: SearchSpace, config: dict[str, Any]) -> list[str]:
+    return [stage.name for stage in space.pipeline_for(config).stages]
+
+
+def _forget_study(folder: Path, study_name: str) -> None:
+    """The driver died before Tune saved any state: the search starts over, so the Optuna trials it
+    had asked for (left RUNNING) must not count in the new one."""
+    import optuna
+
+    storage = f"sqlite:///{folder / 'optuna.db'}"
+    if (folder / "optuna.db").exists() and study_name in optuna.get_all_study_names(storage):
+        optuna.delete_study(study_name=study_name, storage=storage)
 
 
 def make_searcher(space: SearchSpace, folder: Path):

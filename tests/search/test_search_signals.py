@@ -1,0 +1,139 @@
+"""Real signals to a real ``selftune search`` (a subprocess on a tiny search), then ``--resume``,
+then counts: every Tune trial once in Tune, in Optuna (``optuna.db``) and in MLflow, no MLflow run
+and no Optuna trial left RUNNING.
+
+* SIGTERM (``ray job stop``, Kubernetes) takes Ctrl-C's path: runs KILLED, exit 130, resumable.
+* SIGKILL right after ASHA stopped a trial: Optuna has recorded the stop, Tune's snapshot (taken
+  every ~10 s) has not. Both resumes must succeed and leave the study consistent.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import optuna
+import pytest
+import yaml
+from mlflow import MlflowClient
+
+from support import REPO
+
+pytestmark = pytest.mark.slow
+
+TINY = {
+    "stages.supervised.epochs": 1, "stages.supervised.steps_per_epoch": 3,
+    "stages.self_train.epochs": 1, "stages.self_train.steps_per_epoch": 3,
+    "stages.pseudo_label.threshold": 0.5,
+}
+
+
+def tiny_search(folder: Path, data: Path, name: str, samples: int) -> tuple[Path, dict]:
+    space = folder / "space.yaml"
+    space.write_text(yaml.safe_dump({
+        "name": name, "pipeline": str(REPO / "pipelines" / "quickstart.yaml"), "set": {**TINY, "data.root": str(data)},
+        "params": {"stages.supervised.optimizer.lr": {"type": "float", "low": 1e-4, "high": 1e-2, "log": True},
+                   "stages.pseudo_label.threshold": {"type": "float", "low": 0.3, "high": 0.6}},
+        "searcher": {"name": "tpe", "seed": 0, "n_startup_trials": 2},
+        "scheduler": {"name": "asha", "grace_period": 1, "reduction_factor": 2},
+        "budget": {"num_samples": samples, "max_concurrent": 2},
+    }))
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MLFLOW_TRACKING_URI": f"sqlite:///{folder / 'mlflow.db'}"}
+    return space, env
+
+
+def start(space: Path, env: dict, *extra: str) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "selftune", "search", str(space), "--out", str(space.parent / "runs"), *extra],
+                            cwd=space.parent, env=env, text=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+
+
+def signal_when(process: subprocess.Popen, starts: str, signum: int, has: str = "") -> str:
+    """Send ``signum`` as soon as a line starting with ``starts`` (and holding ``has``) is printed;
+    the whole output."""
+    lines = []
+    for line in process.stdout:
+        lines.append(line)
+        if line.startswith(starts) and has in line:
+            process.send_signal(signum)
+            break
+    return "".join(lines) + process.communicate(timeout=300)[0]
+
+
+def finish(space: Path, env: dict) -> str:
+    resumed = start(space, env, "--resume")
+    output = resumed.communicate(timeout=300)[0]
+    assert resumed.returncode == 0, output[-3000:]
+    return output
+
+
+def tune_trial_ids(folder: Path) -> list[str]:
+    state = max((folder / "runs").glob("search-*/tune/experiment_state-*.json"))  # each session writes its own; names are times
+    return [json.loads(data[0])["trial_id"] for data in json.loads(state.read_text())["trial_data"]]
+
+
+def study_trials(folder: Path, name: str) -> list:
+    (db,) = (folder / "runs").glob("search-*/optuna.db")
+    return optuna.load_study(study_name=name, storage=f"sqlite:///{db}").trials
+
+
+def mlflow_runs(env: dict, kind: str | None = None) -> list:
+    client = MlflowClient(env["MLFLOW_TRACKING_URI"])
+    experiments = [e.experiment_id for e in client.search_experiments()]
+    where = f"tags.`selftune.kind` = '{kind}'" if kind else ""
+    return client.search_runs(experiments, filter_string=where, max_results=1000)
+
+
+def assert_each_trial_once(folder: Path, env: dict, name: str, samples: int) -> None:
+    tune = tune_trial_ids(folder)
+    assert len(tune) == len(set(tune)) == samples
+    study = study_trials(folder, name)
+    assert not [t.number for t in study if t.state == optuna.trial.TrialState.RUNNING]
+    assert sorted(t.user_attrs.get("tune_trial_id") for t in study) == sorted(tune)  # one Optuna trial each
+    trial_runs = [run.data.tags["selftune.trial_id"] for run in mlflow_runs(env, "trial")]
+    assert sorted(trial_runs) == sorted(tune)
+    assert not [run.info.run_id for run in mlflow_runs(env) if run.info.status == "RUNNING"]
+
+
+def test_sigterm_ends_the_search_killed_and_resume_finishes_it(tmp_path, small_synthetic):
+    space, env = tiny_search(tmp_path, small_synthetic, "term", samples=2)
+    first = start(space, env)
+    output = signal_when(first, "  trial ", signal.SIGTERM)  # a trial has reported a stage: trials are running
+    assert first.returncode == 130, output[-3000:]
+    assert "continue with --resume" in output and "Traceback" not in output
+    (search_run,) = mlflow_runs(env, "search")
+    assert search_run.info.status == "KILLED"
+    assert not [run.info.run_id for run in mlflow_runs(env) if run.info.status == "RUNNING"]
+    assert "interrupted after 0 of 2 trials" in search_run.data.tags["selftune.error"]  # none had ended
+
+    assert "resuming the Tune experiment" in finish(space, env)
+    assert mlflow_runs(env, "search")[0].info.status == "FINISHED"
+    assert_each_trial_once(tmp_path, env, "term", samples=2)
+
+
+def test_sigkill_right_after_an_asha_stop_resumes_consistently(tmp_path, small_synthetic):
+    space, env = tiny_search(tmp_path, small_synthetic, "kill", samples=4)
+    first = start(space, env)
+    # At once: Optuna has the PRUNED trial, Tune's snapshot (every >= 10 s) not yet.
+    output = signal_when(first, "▶ trial", signal.SIGKILL, has="stopped after stage")
+    assert first.returncode == -signal.SIGKILL, output[-3000:]  # (no ASHA stop at all would end it with 0)
+    finish(space, env)
+    finish(space, env)  # a second resume of a finished search changes nothing
+    assert_each_trial_once(tmp_path, env, "kill", samples=4)
+
+
+def test_sigterm_ends_a_run_on_ray_workers_killed(tmp_path, small_synthetic):
+    """``selftune run`` with a worker group starts Ray, whose start replaces the SIGTERM handler."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}"}
+    sets = [f"{key}={value}" for key, value in {**TINY, "data.root": str(small_synthetic), "resources.workers": 1,
+                                                 "stages.supervised.steps_per_epoch": 400}.items()]
+    run = subprocess.Popen([sys.executable, "-m", "selftune", "run", str(REPO / "pipelines" / "quickstart.yaml"),
+                            "--out", str(tmp_path / "out"), *[arg for item in sets for arg in ("--set", item)]],
+                           cwd=tmp_path, env=env, text=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    output = signal_when(run, "", signal.SIGTERM, has="Started training worker group")  # Ray is up, the stage trains
+    assert run.returncode == 130, output[-3000:]
+    runs = mlflow_runs(env)
+    assert runs and {run.info.status for run in runs} == {"KILLED"}
