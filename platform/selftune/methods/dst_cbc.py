@@ -353,7 +353,7 @@ def sample_confidences(
 
 # Radix digits over the 32-bit unsigned order key: three histogram passes of 2**11 buckets per class.
 _SAMPLE_DIGITS = ((21, 11), (10, 11), (0, 10))  # (shift, width)
-_BLOCK = 1 << 18  # elements per streamed block: bounds the temporaries (~10 MiB) whatever M is
+_BLOCK = 1 << 17  # elements per streamed block: bounds the temporaries (~6 MiB) whatever M is
 
 
 def class_balanced_thresholds_from_sample(
