@@ -1,48 +1,58 @@
-"""Class-balanced thresholds (DST-CBC, Algorithm 1): selftune's radix selection vs the authors' sort.
+"""Class-balanced thresholds (DST-CBC, Algorithm 1) on the sample a labeller holds: selftune vs the authors' sort.
 
-selftune: ``methods.dst_cbc.class_balanced_thresholds`` (torch, CPU here): every n-th pixel, then
-three ``bincount`` passes over the float32 bit patterns — linear time, no sort.
-authors: ``class_balanced_thresholds_reference`` (numpy): every n-th pixel, then per class a
-boolean mask over all samples and an ``np.sort`` of that class's confidences.
+This times threshold computation only (for labelling throughput see ``labelling_throughput.py``).
+The input is what a labelling pass keeps after sampling: compact, contiguous arrays of the
+sampled pixels (float32 max softmax, uint8 argmax), ``--pixels / --sample-every`` of them — not a
+strided view of full-resolution maps. Every arm gets the same arrays and computes the same
+thresholds (checked bit for bit):
 
-The unlabelled set is synthetic but shaped like real network output: realistic peaked confidences
-(max softmax p per pixel, float32) and predicted classes (uint8) for ``--classes`` imbalanced
-classes, built in chunks — the form a labelling pass keeps. Both functions get the same arrays.
+streamed: ``class_balanced_thresholds_from_sample`` (torch): radix selection, three histogram
+passes streamed over the sample in fixed-size blocks (``keep_small_classes=False``, the same rule).
+radix: ``class_balanced_thresholds(conf, classes.long(), ..., sample_every=1)``, the call
+``stages/dst_cbc.py`` makes today (the ``.long()`` included).
+authors: ``class_balanced_thresholds_reference`` (numpy, ``sample_every=1``): per class a boolean
+mask over the sample and an ``np.sort`` of that class's confidences.
 
-Measured in one run, per alpha: median wall time over ``--repeats`` (after one warm-up), the time
-ratio, peak extra memory and the largest absolute threshold difference. Memory, for both sides
-alike: peak resident set size above the level just before the call, sampled every millisecond by a
-thread reading /proc/self/statm (torch's CPU allocator is invisible to tracemalloc); for the numpy
-side tracemalloc's peak is printed as well (it sees numpy's buffers exactly). The script re-runs
-itself with ``MALLOC_MMAP_THRESHOLD_=65536`` so that glibc serves every buffer above 64 KiB by mmap
-and returns it on free: otherwise glibc raises that threshold after the first large free, reuses
-freed heap for later buffers and the RSS of the second function reads as ~0.
+Timing: one warm-up call per arm, then ``--repeats`` rounds in alternating order (ABC, CBA, ABC …),
+min / median / max per arm, and per round the paired ratio to ``streamed``. torch runs
+``--threads`` threads (default 1, numpy's sort is single-threaded: the same on every side).
+Timed with glibc's default allocator, as a labeller runs. Memory, in a second process of this
+script: peak resident set size above the level before the call, sampled every millisecond
+(``/proc/self/statm``; torch's allocator is invisible to tracemalloc), under
+``MALLOC_MMAP_THRESHOLD_=65536`` so that glibc returns freed buffers above 64 KiB at once and one
+arm's freed heap does not hide the next arm's use (that setting makes every large temporary a
+fresh mmap and page-faults it in, which is why the timing is not taken under it).
 
-    PYTHONPATH=platform python benchmarks/pseudo_label_throughput.py [--pixels 60e6] [--classes 21]
+    PYTHONPATH=platform python benchmarks/class_balanced_thresholds.py [--pixels 60e6] [--classes 21] [--threads 1]
 """
 
 from __future__ import annotations
 
 import argparse
 import gc
+import json
 import os
+import subprocess
 import statistics
 import sys
 import threading
 import time
-import tracemalloc
 from typing import Callable
 
 import numpy as np
 import torch
 
-from selftune.methods.dst_cbc import class_balanced_thresholds, class_balanced_thresholds_reference
+from selftune.methods.dst_cbc import (
+    class_balanced_thresholds,
+    class_balanced_thresholds_from_sample,
+    class_balanced_thresholds_reference,
+)
 
 PAGE = os.sysconf("SC_PAGE_SIZE")
 
 
-def synthetic_confidences(pixels: int, classes: int, seed: int, chunk: int = 1 << 22) -> tuple[np.ndarray, np.ndarray]:
-    """(pixels,) float32 max softmax and (pixels,) uint8 argmax, shaped like a trained network's.
+def synthetic_sample(samples: int, classes: int, seed: int, chunk: int = 1 << 22) -> tuple[np.ndarray, np.ndarray]:
+    """(samples,) float32 max softmax and (samples,) uint8 argmax, shaped like a trained network's.
 
     Classes are imbalanced (Dirichlet(0.5) frequencies). Confidence is drawn as
     ``1/C + (1 - 1/C) * Beta(a_c, 1)``, peaked towards 1 with a per-class peak ``a_c`` in [1, 8],
@@ -52,10 +62,10 @@ def synthetic_confidences(pixels: int, classes: int, seed: int, chunk: int = 1 <
     rng = np.random.default_rng(seed)
     frequency = rng.dirichlet(np.full(classes, 0.5))
     peak = rng.uniform(1.0, 8.0, size=classes)
-    confidence = np.empty(pixels, dtype=np.float32)
-    prediction = np.empty(pixels, dtype=np.uint8)
-    for start in range(0, pixels, chunk):
-        n = min(chunk, pixels - start)
+    confidence = np.empty(samples, dtype=np.float32)
+    prediction = np.empty(samples, dtype=np.uint8)
+    for start in range(0, samples, chunk):
+        n = min(chunk, samples - start)
         pred = rng.choice(classes, size=n, p=frequency).astype(np.uint8)
         conf = 1.0 / classes + (1.0 - 1.0 / classes) * rng.beta(peak[pred], 1.0)
         conf[rng.random(n) < 0.05] = 1.0
@@ -69,8 +79,8 @@ def _rss() -> int:
         return int(f.read().split()[1]) * PAGE
 
 
-def peak_rss_above_baseline(fn: Callable[[], object]) -> tuple[object, int]:
-    """Run ``fn``; return its result and the peak RSS above the level before, sampled every ms."""
+def peak_rss_above_baseline(fn: Callable[[], object]) -> int:
+    """Peak RSS above the level before ``fn``, sampled every millisecond."""
     gc.collect()
     baseline = peak = _rss()
     done = threading.Event()
@@ -84,84 +94,91 @@ def peak_rss_above_baseline(fn: Callable[[], object]) -> tuple[object, int]:
     thread = threading.Thread(target=sample, daemon=True)
     thread.start()
     try:
-        result = fn()
+        fn()
     finally:
         done.set()
         thread.join()
-    return result, max(peak, _rss()) - baseline
+    return max(peak, _rss()) - baseline
 
 
-def tracemalloc_peak(fn: Callable[[], object]) -> int:
-    gc.collect()
-    tracemalloc.start()
-    try:
-        fn()
-        return tracemalloc.get_traced_memory()[1]
-    finally:
-        tracemalloc.stop()
+def alternating_times(arms: dict[str, Callable[[], object]], repeats: int) -> dict[str, list[float]]:
+    """Seconds per call of each arm, ``repeats`` rounds, the order reversed every other round."""
+    for fn in arms.values():
+        fn()  # warm-up
+    names = list(arms)
+    times: dict[str, list[float]] = {name: [] for name in names}
+    for round_index in range(repeats):
+        for name in names if round_index % 2 == 0 else reversed(names):
+            started = time.perf_counter()
+            arms[name]()
+            times[name].append(time.perf_counter() - started)
+    return times
 
 
-def median_seconds(fn: Callable[[], object], repeats: int) -> float:
-    fn()  # warm-up
-    times = []
-    for _ in range(repeats):
-        started = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - started)
-    return statistics.median(times)
+def same_bits(a: np.ndarray, b: np.ndarray) -> bool:
+    return a.dtype == b.dtype and np.array_equal(a.view(np.uint32), b.view(np.uint32))
 
 
-def max_difference(fast: np.ndarray, reference: np.ndarray) -> float:
-    """Largest |fast - reference| over classes; equal infinities (empty class, alpha = 1) count 0."""
-    same = (fast == reference) | (np.isinf(fast) & np.isinf(reference) & (np.sign(fast) == np.sign(reference)))
-    return float(np.max(np.where(same, 0.0, np.abs(fast.astype(np.float64) - reference.astype(np.float64)))))
+def memory_in_child(args: argparse.Namespace) -> dict[str, dict[str, int]]:
+    """{alpha: {arm: peak bytes}} from this script re-run with the fixed mmap threshold."""
+    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"}
+    output = subprocess.run([sys.executable, *sys.argv, "--memory-only"], env=env, check=True,
+                            capture_output=True, text=True).stdout
+    return json.loads(output.strip().splitlines()[-1])
 
 
-def _with_fixed_mmap_threshold() -> None:
-    """Re-exec once with a fixed glibc mmap threshold (see the module docstring)."""
-    if os.environ.get("MALLOC_MMAP_THRESHOLD_") is None:
-        os.environ["MALLOC_MMAP_THRESHOLD_"] = "65536"
-        os.execv(sys.executable, [sys.executable, *sys.argv])
+def report(alpha: float, times: dict[str, list[float]], memory: dict[str, int], agree: bool) -> None:
+    base = times["streamed"]
+    for name, seconds in times.items():
+        paired = [s / b for s, b in zip(seconds, base)]  # this arm / streamed, round by round
+        print(f"{alpha:>6.2f} {name:>9} {min(seconds):>8.3f} {statistics.median(seconds):>8.3f} {max(seconds):>8.3f} "
+              f"{statistics.median(seconds) / statistics.median(base):>9.2f}x "
+              f"{min(paired):>6.2f}-{max(paired):<5.2f} {memory[name] / 2**20:>9.1f} {str(agree):>10}")
 
 
 def main() -> None:
-    _with_fixed_mmap_threshold()
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--pixels", type=float, default=60e6, help="unlabelled pixels (>= 50 million for the report)")
+    parser.add_argument("--pixels", type=float, default=60e6, help="unlabelled pixels the sample is drawn from")
     parser.add_argument("--classes", type=int, default=21)
     parser.add_argument("--sample-every", type=int, default=16, help="authors: 16")
     parser.add_argument("--alphas", type=float, nargs="+", default=[0.2, 0.6])
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=6)
+    parser.add_argument("--threads", type=int, default=1, help="torch threads (numpy's sort uses one)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--memory-only", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    torch.set_num_threads(args.threads)
 
-    pixels = int(args.pixels)
-    started = time.perf_counter()
-    confidence, prediction = synthetic_confidences(pixels, args.classes, args.seed)
+    samples = int(args.pixels) // args.sample_every
+    confidence, prediction = synthetic_sample(samples, args.classes, args.seed)
     conf_t, pred_t = torch.from_numpy(confidence), torch.from_numpy(prediction)  # shared memory, no copy
-    saturated = float(np.mean(confidence == 1.0))
-    print(f"{pixels / 1e6:.1f} M pixels, {args.classes} classes, every {args.sample_every}th pixel sampled "
-          f"({pixels // args.sample_every / 1e6:.2f} M samples), {100 * saturated:.1f} % saturated at p = 1.0; "
-          f"inputs {(confidence.nbytes + prediction.nbytes) / 2**20:.0f} MiB, built in {time.perf_counter() - started:.1f} s; "
-          f"torch threads {torch.get_num_threads()}")
-    print(f"{'alpha':>6} {'selftune s':>11} {'authors s':>10} {'time ratio':>11} {'selftune MiB':>13} {'authors MiB':>12} "
-          f"{'authors tracemalloc MiB':>24} {'memory ratio':>13} {'max |dt|':>9}")
+
+    def arms_for(alpha: float) -> dict[str, Callable[[], np.ndarray]]:
+        return {
+            "streamed": lambda: class_balanced_thresholds_from_sample(
+                conf_t, pred_t, args.classes, alpha, keep_small_classes=False).numpy(),
+            "radix": lambda: class_balanced_thresholds(conf_t, pred_t.long(), args.classes, alpha, sample_every=1).numpy(),
+            "authors": lambda: class_balanced_thresholds_reference(confidence, prediction, args.classes, alpha, sample_every=1),
+        }
+
+    if args.memory_only:
+        print(json.dumps({str(alpha): {name: peak_rss_above_baseline(fn) for name, fn in arms_for(alpha).items()}
+                          for alpha in args.alphas}))
+        return
+    print(f"{samples / 1e6:.2f} M samples (every {args.sample_every}th of {args.pixels / 1e6:.0f} M pixels), "
+          f"{args.classes} classes, {100 * float(np.mean(confidence == 1.0)):.1f} % saturated at p = 1.0; compact "
+          f"float32 + uint8 arrays, {(confidence.nbytes + prediction.nbytes) / 2**20:.1f} MiB; torch threads "
+          f"{torch.get_num_threads()}, numpy sort 1 thread; {args.repeats} alternating rounds")
+    memory = memory_in_child(args)
+    print(f"{'alpha':>6} {'arm':>9} {'min s':>8} {'median s':>8} {'max s':>8} {'/streamed':>10} {'paired':>12} "
+          f"{'peak MiB':>9} {'same bits':>10}")
     for alpha in args.alphas:
-        def fast():
-            return class_balanced_thresholds(conf_t, pred_t, args.classes, alpha, sample_every=args.sample_every).numpy()
-
-        def reference():
-            return class_balanced_thresholds_reference(confidence, prediction, args.classes, alpha, sample_every=args.sample_every)
-
-        fast_s, ref_s = median_seconds(fast, args.repeats), median_seconds(reference, args.repeats)
-        fast_result, fast_mem = peak_rss_above_baseline(fast)
-        ref_result, ref_mem = peak_rss_above_baseline(reference)
-        ref_traced = tracemalloc_peak(reference)
-        difference = max_difference(fast_result, ref_result)
-        print(f"{alpha:>6.2f} {fast_s:>11.3f} {ref_s:>10.3f} {ref_s / fast_s:>10.2f}x {fast_mem / 2**20:>13.1f} "
-              f"{ref_mem / 2**20:>12.1f} {ref_traced / 2**20:>24.1f} {ref_mem / max(fast_mem, 1):>12.2f}x {difference:>9.2g}")
-    print("time ratio = authors / selftune (> 1: selftune faster); memory ratio = authors / selftune, "
-          "peak RSS above baseline (1 ms sampling, MALLOC_MMAP_THRESHOLD_=65536)")
+        arms = arms_for(alpha)
+        results = {name: fn() for name, fn in arms.items()}
+        agree = all(same_bits(results["streamed"], result) for result in results.values())
+        report(alpha, alternating_times(arms, args.repeats), memory[str(alpha)], agree)
+    print("/streamed = median time / streamed's median (> 1: streamed faster); paired = the same ratio per round, "
+          "min-max; peak MiB = RSS above baseline (1 ms sampling, MALLOC_MMAP_THRESHOLD_=65536)")
 
 
 if __name__ == "__main__":

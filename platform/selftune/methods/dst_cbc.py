@@ -434,7 +434,7 @@ def _check_sample(
 
 
 def _blocks(conf_pieces: list[torch.Tensor], class_pieces: list[torch.Tensor]) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """(float32 confidences, int64 classes) of the sample in order, about ``_BLOCK`` at a time;
+    """(float32 confidences, int32 classes) of the sample in order, about ``_BLOCK`` at a time;
     small pieces (one batch's sample) are gathered so the per-block overhead stays small."""
     pending_conf: list[torch.Tensor] = []
     pending_cls: list[torch.Tensor] = []
@@ -445,20 +445,26 @@ def _blocks(conf_pieces: list[torch.Tensor], class_pieces: list[torch.Tensor]) -
             pending_cls.append(cls[start : start + _BLOCK])
             pending += pending_conf[-1].numel()
             if pending >= _BLOCK:
-                yield torch.cat(pending_conf).float(), torch.cat(pending_cls).long()
+                yield _joined(pending_conf).float(), _joined(pending_cls).int()
                 pending_conf, pending_cls, pending = [], [], 0
     if pending:
-        yield torch.cat(pending_conf).float(), torch.cat(pending_cls).long()
+        yield _joined(pending_conf).float(), _joined(pending_cls).int()
 
 
-def _unsigned_order_key(values: torch.Tensor) -> torch.Tensor:
-    """int64 in [0, 2**32) whose order equals the float order of float32 ``values`` (no NaN)."""
-    return _ordered_int32(values).to(torch.int64) + 2**31
+def _joined(pieces: list[torch.Tensor]) -> torch.Tensor:
+    return pieces[0] if len(pieces) == 1 else torch.cat(pieces)  # one piece: a view, no copy
+
+
+def _unsigned_order_bits(values: torch.Tensor) -> torch.Tensor:
+    """int32 whose bits, read as unsigned, order like float32 ``values`` (no NaN): the sign bit
+    flipped for non-negative floats, every bit for negative ones."""
+    bits = values.view(torch.int32)
+    return bits ^ ((bits >> 31) | -(2**31))
 
 
 def _float32_of_order_key(keys: torch.Tensor) -> torch.Tensor:
-    """Inverse of ``_unsigned_order_key``: (C,) int64 keys -> float32 values."""
-    ordered = (keys - 2**31).to(torch.int32)
+    """Inverse of ``_unsigned_order_bits``: (C,) int64 keys in [0, 2**32) -> float32 values."""
+    ordered = (keys - 2**31).to(torch.int32)  # the ``_ordered_int32`` image
     return (ordered ^ ((ordered >> 31) & 0x7FFFFFFF)).view(torch.float32)  # the flip is its own inverse
 
 
@@ -470,14 +476,16 @@ def _digit_histogram(
     digits equal ``prefix[class]`` (all elements in the first pass, which also checks them)."""
     radix = 1 << width
     size = num_classes * radix
+    high_mask = (1 << (32 - shift - width)) - 1  # the digits above this one, without sign extension
+    high_prefix = prefix.to(torch.int32)  # < 2**22: fits
     hist = torch.zeros(size + 1, dtype=torch.int64, device=prefix.device)  # last slot: not a candidate
     for conf, cls in _blocks(conf_pieces, class_pieces):
         if first:
             _check_block(conf, cls, num_classes)
-        keys = _unsigned_order_key(conf)
-        ids = cls * radix + ((keys >> shift) & (radix - 1))
+        keys = _unsigned_order_bits(conf)
+        ids = cls * radix + ((keys >> shift) & (radix - 1))  # int32: C * R < 2**31
         if not first:
-            ids = torch.where((keys >> (shift + width)) == prefix[cls], ids, size)
+            ids = torch.where(((keys >> (shift + width)) & high_mask) == high_prefix[cls], ids, size)
         hist += torch.bincount(ids, minlength=size + 1)
     return hist[:size].view(num_classes, radix)
 
