@@ -29,14 +29,11 @@ fresh mmap and page-faults it in, which is why the timing is not taken under it)
 from __future__ import annotations
 
 import argparse
-import gc
 import json
 import os
-import subprocess
 import statistics
+import subprocess
 import sys
-import threading
-import time
 from typing import Callable
 
 import numpy as np
@@ -48,7 +45,7 @@ from selftune.methods.dst_cbc import (
     class_balanced_thresholds_reference,
 )
 
-PAGE = os.sysconf("SC_PAGE_SIZE")
+from _measure import alternating_times, peak_rss_above_baseline  # benchmarks/, the script's own folder
 
 
 def synthetic_sample(samples: int, classes: int, seed: int, chunk: int = 1 << 22) -> tuple[np.ndarray, np.ndarray]:
@@ -72,47 +69,6 @@ def synthetic_sample(samples: int, classes: int, seed: int, chunk: int = 1 << 22
         confidence[start : start + n] = conf
         prediction[start : start + n] = pred
     return confidence, prediction
-
-
-def _rss() -> int:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * PAGE
-
-
-def peak_rss_above_baseline(fn: Callable[[], object]) -> int:
-    """Peak RSS above the level before ``fn``, sampled every millisecond."""
-    gc.collect()
-    baseline = peak = _rss()
-    done = threading.Event()
-
-    def sample() -> None:
-        nonlocal peak
-        while not done.is_set():
-            peak = max(peak, _rss())
-            time.sleep(0.001)
-
-    thread = threading.Thread(target=sample, daemon=True)
-    thread.start()
-    try:
-        fn()
-    finally:
-        done.set()
-        thread.join()
-    return max(peak, _rss()) - baseline
-
-
-def alternating_times(arms: dict[str, Callable[[], object]], repeats: int) -> dict[str, list[float]]:
-    """Seconds per call of each arm, ``repeats`` rounds, the order reversed every other round."""
-    for fn in arms.values():
-        fn()  # warm-up
-    names = list(arms)
-    times: dict[str, list[float]] = {name: [] for name in names}
-    for round_index in range(repeats):
-        for name in names if round_index % 2 == 0 else reversed(names):
-            started = time.perf_counter()
-            arms[name]()
-            times[name].append(time.perf_counter() - started)
-    return times
 
 
 def same_bits(a: np.ndarray, b: np.ndarray) -> bool:
@@ -162,7 +118,7 @@ def main() -> None:
         }
 
     if args.memory_only:
-        print(json.dumps({str(alpha): {name: peak_rss_above_baseline(fn) for name, fn in arms_for(alpha).items()}
+        print(json.dumps({str(alpha): {name: peak_rss_above_baseline(fn)[1] for name, fn in arms_for(alpha).items()}
                           for alpha in args.alphas}))
         return
     print(f"{samples / 1e6:.2f} M samples (every {args.sample_every}th of {args.pixels / 1e6:.0f} M pixels), "
