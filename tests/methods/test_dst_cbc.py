@@ -188,3 +188,127 @@ def test_pseudo_labels_use_argmax_then_its_threshold():
     strict = dst_cbc.class_balanced_pseudo_labels(probs, torch.tensor([0.0, 0.0]), global_threshold=0.8)
     assert strict.tolist() == [[[IGNORE, IGNORE, IGNORE]]]
     assert dst_cbc.class_balanced_pseudo_labels(probs, torch.tensor([0.0, 0.0]), 0.62).tolist() == [[[0, 1, IGNORE]]]
+
+
+# ----------------------------------------------------------------------------- labelling at dataset scale
+
+
+def _probs(generator: torch.Generator, batch: int, classes: int, height: int, width: int) -> torch.Tensor:
+    return torch.softmax(3 * torch.randn(batch, classes, height, width, generator=generator), dim=1)
+
+
+def test_sample_takes_every_nth_valid_pixel_of_each_image():
+    # two 2x3 maps, one class; image 0 is 2x3, image 1 only 1x2 (the rest padding)
+    conf = torch.tensor([[[0.1, 0.2, 0.3], [0.4, 0.5, 0.6]], [[0.7, 0.8, 0.0], [0.0, 0.0, 0.0]]])
+    probs = conf[:, None]  # (B=2, C=1, 2, 3): max p = conf, argmax 0
+    valid = dst_cbc.valid_pixels(torch.tensor([[2, 3], [1, 2]]), 2, 3)
+    assert valid.tolist() == [[[True] * 3] * 2, [[True, True, False], [False] * 3]]
+    sample, classes = dst_cbc.sample_confidences(probs, valid, sample_every=2)
+    # image 0: 0.1 0.2 0.3 0.4 0.5 0.6 -> 0.1 0.3 0.5; image 1 starts again at its first pixel: 0.7
+    # (sampling the concatenation would have given 0.1 0.3 0.5 0.8)
+    assert sample.tolist() == pytest.approx([0.1, 0.3, 0.5, 0.7])
+    assert classes.tolist() == [0, 0, 0, 0]
+
+
+def test_sample_is_a_compact_copy_of_float32_and_uint8():
+    probs = _probs(torch.Generator().manual_seed(0), 2, 5, 64, 64)
+    conf, classes = dst_cbc.sample_confidences(probs, None, sample_every=16)
+    assert conf.dtype == torch.float32 and classes.dtype == torch.uint8
+    assert conf.numel() == classes.numel() == 2 * 64 * 64 // 16
+    # the storage is the sample's own, not the batch's full-resolution map behind a strided view
+    assert conf.untyped_storage().nbytes() == conf.numel() * 4
+    assert classes.untyped_storage().nbytes() == classes.numel()
+    expected_conf, expected_cls = probs.max(dim=1)
+    assert torch.equal(conf, expected_conf.reshape(2, -1)[:, ::16].reshape(-1))
+    assert torch.equal(classes.long(), expected_cls.reshape(2, -1)[:, ::16].reshape(-1))
+
+
+def test_sample_equals_the_concatenated_batch_rule_when_images_divide_by_n():
+    # 64x64 = 4096 pixels, a multiple of 16: per image and per concatenation pick the same pixels,
+    # so the pipeline's thresholds on the synthetic dataset do not move
+    probs = _probs(torch.Generator().manual_seed(1), 3, 4, 64, 64)
+    confidence, prediction = probs.max(dim=1)
+    conf, classes = dst_cbc.sample_confidences(probs, None, sample_every=16)
+    assert torch.equal(conf, confidence.reshape(-1)[::16])
+    assert torch.equal(classes.long(), prediction.reshape(-1)[::16])
+
+
+def test_half_precision_confidences_would_move_the_threshold():
+    # why the sample stays float32: fp16 rounds 0.9996 to 0.99951 (steps of 2**-11 near 1), so a
+    # pixel at 0.99955 would pass the rounded threshold and fail the exact one
+    conf = torch.tensor([0.9991, 0.9993, 0.9996, 0.9998])
+    exact = dst_cbc.class_balanced_thresholds_from_sample(conf, torch.zeros(4, dtype=torch.uint8), 1, 0.25)
+    half = dst_cbc.class_balanced_thresholds_from_sample(conf.half(), torch.zeros(4, dtype=torch.uint8), 1, 0.25)
+    pixel = torch.tensor(0.99955)
+    assert exact.item() == pytest.approx(0.9996) and bool(pixel < exact)
+    assert bool(pixel >= half.float())
+    probs = torch.tensor([[[[0.9996]], [[0.0004]]]])
+    assert dst_cbc.sample_confidences(probs, None, 1)[0].dtype == torch.float32
+
+
+def test_sample_thresholds_by_hand():
+    conf = torch.tensor([0.9, 0.95, 0.8, 0.7, 0.55, 0.6, 0.5, 0.3])
+    classes = torch.tensor([0, 1, 0, 0, 1, 0, 0, 2], dtype=torch.uint8)
+    # class 0: n = 5, int(5 * 0.4) + 1 = 3 -> 0.7; class 1: n = 2, int(0.8) + 1 = 1 -> 0.95;
+    # class 2: n = 1, 1 * 0.4 < 1 -> too few to rank: -inf (authors: keep all); class 3 empty
+    strict = dst_cbc.class_balanced_thresholds_from_sample(conf, classes, 4, 0.4, keep_small_classes=False)
+    assert strict.tolist() == [pytest.approx(0.7), pytest.approx(0.95), pytest.approx(0.3), math.inf]
+    authors = dst_cbc.class_balanced_thresholds_from_sample(conf, classes, 4, 0.4)
+    # class 1: 2 * 0.4 = 0.8 < 1 as well; class 3: 0 * 0.4 < 1
+    assert authors.tolist() == [pytest.approx(0.7), -math.inf, -math.inf, -math.inf]
+    # alpha = 0 asks for nothing: the top value and its ties even for a small class
+    assert dst_cbc.class_balanced_thresholds_from_sample(conf, classes, 4, 0.0).tolist()[:3] == [
+        pytest.approx(0.9), pytest.approx(0.95), pytest.approx(0.3)]
+    assert dst_cbc.class_balanced_thresholds_from_sample(conf, classes, 4, 1.0).tolist() == [-math.inf] * 4
+
+
+@pytest.mark.parametrize("size", [1, 13, 4096, 300_001, 600_000])
+def test_sample_thresholds_equal_the_radix_path_bit_for_bit(size):
+    # the pipeline's call today: class_balanced_thresholds(conf, pred, C, alpha, sample_every=1)
+    generator = torch.Generator().manual_seed(size)
+    num_classes = 1 + size % 21
+    conf = torch.rand(size, generator=generator)
+    conf[torch.rand(size, generator=generator) < 0.1] = 1.0  # saturated softmax
+    conf[::5] = (conf[::5] * 16).round() / 16  # exact ties
+    if size > 1:
+        conf[1] = -0.0  # a signed zero keeps its sign bit
+    classes = torch.randint(0, num_classes, (size,), generator=generator).to(torch.uint8)
+    pieces = list(torch.split(torch.arange(size), 4097))  # as one piece per batch
+    for alpha in (0.0, 0.2, 0.6, 0.999):
+        old = dst_cbc.class_balanced_thresholds(conf, classes.long(), num_classes, alpha, sample_every=1)
+        new = dst_cbc.class_balanced_thresholds_from_sample(conf, classes, num_classes, alpha, keep_small_classes=False)
+        streamed = dst_cbc.class_balanced_thresholds_from_sample(
+            [conf[i] for i in pieces], [classes[i] for i in pieces], num_classes, alpha, keep_small_classes=False
+        )
+        assert torch.equal(old.view(torch.int32), new.view(torch.int32)), (alpha, old, new)
+        assert torch.equal(new.view(torch.int32), streamed.view(torch.int32))
+        reference = dst_cbc.class_balanced_thresholds_reference(conf.numpy(), classes.numpy(), num_classes, alpha, sample_every=1)
+        assert np.array_equal(new.numpy(), reference)
+
+
+def test_sample_thresholds_keep_small_classes_only_where_n_alpha_is_below_one():
+    generator = torch.Generator().manual_seed(3)
+    conf = torch.rand(5000, generator=generator)
+    classes = torch.randint(0, 3, (5000,), generator=generator).to(torch.uint8)
+    classes[:4] = 3  # class 3: n = 4, 4 * 0.2 < 1; class 4: empty
+    strict = dst_cbc.class_balanced_thresholds_from_sample(conf, classes, 5, 0.2, keep_small_classes=False)
+    authors = dst_cbc.class_balanced_thresholds_from_sample(conf, classes, 5, 0.2)
+    assert torch.equal(authors[:3], strict[:3])
+    assert authors[3:].tolist() == [-math.inf, -math.inf] and strict[4].item() == math.inf
+
+
+def test_sample_thresholds_half_and_input_errors():
+    conf = torch.tensor([0.5, 0.75, 0.875, 1.0]).half()
+    classes = torch.tensor([0, 0, 1, 1])
+    thresholds = dst_cbc.class_balanced_thresholds_from_sample(conf, classes, 2, 0.5, keep_small_classes=False)
+    assert thresholds.dtype == torch.float16 and thresholds.tolist() == [0.5, 0.875]
+    with pytest.raises(ValueError, match="prediction holds class 2 but classes are 0..1"):
+        dst_cbc.class_balanced_thresholds_from_sample(conf, classes + 1, 2, 0.5)
+    with pytest.raises(ValueError, match="holds NaN"):
+        dst_cbc.class_balanced_thresholds_from_sample(torch.tensor([float("nan")]), torch.tensor([0]), 1, 0.5)
+    with pytest.raises(ValueError, match="float32, float16 or bfloat16"):
+        dst_cbc.class_balanced_thresholds_from_sample(conf.double(), classes, 2, 0.5)
+    with pytest.raises(ValueError, match="alpha must lie in"):
+        dst_cbc.class_balanced_thresholds_from_sample(conf, classes, 2, -0.1)
+    empty = dst_cbc.class_balanced_thresholds_from_sample([], [], 2, 0.5, keep_small_classes=False)
+    assert empty.tolist() == [math.inf, math.inf]

@@ -5,6 +5,10 @@
 * ``class_balanced_thresholds`` + ``class_balanced_pseudo_labels``: Algorithm 1 / eq. 6, keep the
   top alpha fraction of each predicted class. ``class_balanced_thresholds_reference`` is the
   authors' numpy procedure, kept for benchmarks and as the test oracle of the fast version.
+* ``sample_confidences`` + ``class_balanced_thresholds_from_sample``: the same thresholds for a
+  labelling pass over a whole dataset, with memory bounded by the compact sample itself: each
+  batch leaves only its own every-n-th pixel (float32 confidence + uint8 class, 5 bytes), and the
+  selection streams over that sample in fixed-size blocks.
 
 The alpha curriculum over rounds (0.2, 0.4, ..., 1.0) is a ``selftune.schedules`` spec:
 ``{"shape": "linear", "start": 0.2, "end": 1.0}`` over 5 rounds.
@@ -18,15 +22,20 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from typing import Iterator, Sequence
+
 from selftune.methods.common import IGNORE_INDEX, masked_cross_entropy
 
 __all__ = [
     "class_balanced_pseudo_labels",
     "class_balanced_thresholds",
+    "class_balanced_thresholds_from_sample",
     "class_balanced_thresholds_reference",
     "dynamic_self_training_loss",
     "dynamic_self_training_terms",
     "dynamic_weights",
+    "sample_confidences",
+    "valid_pixels",
 ]
 
 
@@ -315,6 +324,215 @@ def class_balanced_thresholds_reference(
         if len(ranked):
             thresholds[cls] = ranked[-min(int(len(ranked) * alpha), len(ranked) - 1) - 1]
     return thresholds
+
+
+# --------------------------------------------------------------------------------------------
+# Labelling at dataset scale: a compact per-image sample, thresholds streamed over it
+# --------------------------------------------------------------------------------------------
+
+
+def valid_pixels(sizes: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    """(B, H, W) bool, True inside each image's own (h, w) of a padded batch (``batch["size"]``)."""
+    rows = torch.arange(height, device=sizes.device)[None, :, None] < sizes[:, 0, None, None]
+    cols = torch.arange(width, device=sizes.device)[None, None, :] < sizes[:, 1, None, None]
+    return rows & cols
+
+
+def sample_confidences(
+    probs: torch.Tensor, valid: torch.Tensor | None, sample_every: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Every ``sample_every``-th valid pixel's (max p, argmax) of each image, as compact copies.
+
+    probs: (B, C, H, W) softmax probabilities; valid: (B, H, W) bool (False on batch padding, see
+    ``valid_pixels``) or None for all valid. Per image, its valid pixels are taken in memory order
+    (row-major, which for a padded image is its own h x w flattened) and the 0th, n-th, 2n-th …
+    are kept: the authors' successor code (DMT, ``generate_class_balanced_pseudo_labels``) crops
+    each image to its size and takes ``flatten()[::16]``, so the sample of an image does not
+    depend on the batch it came in. Returns (M,) float32 confidences and (M,) class ids (uint8 up
+    to 256 classes, else int32), images one after another. Both are fresh tensors of exactly M
+    elements: no view that keeps the batch's full-resolution maps alive.
+
+    Confidences stay float32: thresholds from float16 ones are the float16 roundings of the exact
+    ones (rounding is monotone), but in [0.5, 1), where a trained model's maxima sit, float16 has
+    only 1024 values (steps of ~0.0005), so a rounded threshold moves by up to that and changes
+    which full-precision pixels pass ``p >= t`` — the labels would no longer be the exact rule's.
+    """
+    if sample_every < 1:
+        raise ValueError(f"sample_confidences: sample_every must be >= 1, but got {sample_every}")
+    if probs.dim() != 4:
+        raise ValueError(f"sample_confidences: probs must be (B, C, H, W), but got shape {tuple(probs.shape)}")
+    confidence, prediction = probs.max(dim=1)  # (B, H, W) each
+    if valid is None:
+        valid = torch.ones_like(confidence, dtype=torch.bool)
+    elif valid.shape != confidence.shape:
+        raise ValueError(f"sample_confidences: valid must be {tuple(confidence.shape)}, but got {tuple(valid.shape)}")
+    flat_valid = valid.reshape(valid.shape[0], -1)
+    rank = flat_valid.cumsum(1, dtype=torch.int32) - 1  # (B, H*W): index among the image's valid pixels
+    keep = (flat_valid & (rank % sample_every == 0)).view_as(valid)
+    class_dtype = torch.uint8 if probs.shape[1] <= 256 else torch.int32
+    # Boolean indexing copies, in row-major (image, then pixel) order.
+    return confidence[keep].float(), prediction[keep].to(class_dtype)
+
+
+# Radix digits over the 32-bit unsigned order key: three histogram passes of 2**11 buckets per class.
+_SAMPLE_DIGITS = ((21, 11), (10, 11), (0, 10))  # (shift, width)
+_BLOCK = 1 << 17  # elements per streamed block: bounds the temporaries (~6 MiB) whatever M is
+
+
+def class_balanced_thresholds_from_sample(
+    confidence: torch.Tensor | Sequence[torch.Tensor],
+    classes: torch.Tensor | Sequence[torch.Tensor],
+    num_classes: int,
+    alpha: float,
+    *,
+    keep_small_classes: bool = True,
+) -> torch.Tensor:
+    """``class_balanced_thresholds(confidence, classes, num_classes, alpha, sample_every=1)`` for an
+    already drawn sample, in memory bounded by a fixed block size beyond the sample itself.
+
+    confidence: (M,) floating (float32, float16 or bfloat16), or a sequence of 1-D pieces (e.g. one
+    per batch from ``sample_confidences``), which need not be concatenated; classes: integer, the
+    same lengths. Returns (num_classes,) in confidence's dtype; keep ``p >= thresholds[c]``.
+
+    Same rule as ``class_balanced_thresholds``: the (int(n·alpha) + 1)-th largest of each class,
+    +inf for a class with no sample, -inf everywhere for alpha = 1. With ``keep_small_classes``
+    (the default), a class with n·alpha < 1, too few samples to rank, gets -inf and keeps all its
+    pixels, as the authors' successor code does (DMT: ``kc = 1e-5`` when ``len * ratio < 1``, which
+    every softmax maximum passes); that includes a class with no sample at all. Not for alpha = 0,
+    where it would keep everything when nothing was asked for: there each class keeps its top
+    sampled value and ties. ``keep_small_classes=False`` gives bit-for-bit the result of
+    ``class_balanced_thresholds``.
+
+    How: the radix selection of ``class_balanced_thresholds`` (three histogram passes over the
+    float32 bit patterns), but each pass streams over the sample in blocks of ``_BLOCK`` elements
+    and only the (class, digit) histograms are kept, so the temporaries do not grow with M; the
+    chosen digits spell the threshold's bit pattern, so no candidate is gathered.
+    """
+    conf_pieces = [confidence] if isinstance(confidence, torch.Tensor) else list(confidence)
+    class_pieces = [classes] if isinstance(classes, torch.Tensor) else list(classes)
+    dtype, device = _check_sample(conf_pieces, class_pieces, alpha)
+    if alpha >= 1.0:
+        return torch.full((num_classes,), -math.inf, dtype=dtype, device=device)
+    if num_classes * (1 << max(width for _, width in _SAMPLE_DIGITS)) >= 2**31:
+        raise ValueError(f"class_balanced_thresholds_from_sample: num_classes={num_classes} is too large")
+    counts = torch.zeros(num_classes, dtype=torch.int64, device=device)
+    prefix = torch.zeros(num_classes, dtype=torch.int64, device=device)  # chosen high digits per class
+    k = None
+    for pass_index, (shift, width) in enumerate(_SAMPLE_DIGITS):
+        hist = _digit_histogram(conf_pieces, class_pieces, num_classes, shift, width, prefix, first=pass_index == 0)
+        if k is None:
+            counts = hist.sum(1)
+            # int(n * alpha) in float64, exactly as Python's int(len(r) * alpha) in the authors' code.
+            k = torch.minimum(torch.floor(counts.to(torch.float64) * alpha).to(torch.int64) + 1, counts)
+        bucket, k = _bucket_of_kth_largest(hist, k)
+        prefix = (prefix << width) | bucket
+    thresholds = _float32_of_order_key(prefix).to(dtype)
+    thresholds = torch.where(counts > 0, thresholds, torch.full_like(thresholds, math.inf))
+    if keep_small_classes and alpha > 0:
+        small = counts.to(torch.float64) * alpha < 1
+        thresholds = torch.where(small, torch.full_like(thresholds, -math.inf), thresholds)
+    return thresholds
+
+
+def _check_sample(
+    conf_pieces: list[torch.Tensor], class_pieces: list[torch.Tensor], alpha: float
+) -> tuple[torch.dtype, torch.device]:
+    """(dtype, device) of the sample; one ValueError naming what is wrong otherwise."""
+    name = "class_balanced_thresholds_from_sample"
+    if not 0.0 <= alpha <= 1.0:
+        raise ValueError(f"{name}: alpha must lie in [0, 1], but got alpha={alpha}")
+    if len(conf_pieces) != len(class_pieces):
+        raise ValueError(f"{name}: {len(conf_pieces)} confidence pieces but {len(class_pieces)} class pieces")
+    if not conf_pieces:
+        return torch.float32, torch.device("cpu")
+    dtype, device = conf_pieces[0].dtype, conf_pieces[0].device
+    for conf, cls in zip(conf_pieces, class_pieces):
+        if conf.dim() != 1 or conf.shape != cls.shape:
+            raise ValueError(f"{name}: confidence {tuple(conf.shape)} and classes {tuple(cls.shape)} must be 1-D of one length")
+        if conf.dtype != dtype or dtype not in (torch.float32, torch.float16, torch.bfloat16):
+            raise ValueError(f"{name}: confidence must be float32, float16 or bfloat16 throughout, but got {conf.dtype}")
+        if cls.is_floating_point() or cls.dtype == torch.bool:
+            raise ValueError(f"{name}: classes must be an integer tensor, but got {cls.dtype}")
+    return dtype, device
+
+
+def _blocks(conf_pieces: list[torch.Tensor], class_pieces: list[torch.Tensor]) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """(float32 confidences, int32 classes) of the sample in order, about ``_BLOCK`` at a time;
+    small pieces (one batch's sample) are gathered so the per-block overhead stays small."""
+    pending_conf: list[torch.Tensor] = []
+    pending_cls: list[torch.Tensor] = []
+    pending = 0
+    for conf, cls in zip(conf_pieces, class_pieces):
+        for start in range(0, conf.numel(), _BLOCK):
+            pending_conf.append(conf[start : start + _BLOCK])
+            pending_cls.append(cls[start : start + _BLOCK])
+            pending += pending_conf[-1].numel()
+            if pending >= _BLOCK:
+                yield _joined(pending_conf).float(), _joined(pending_cls).int()
+                pending_conf, pending_cls, pending = [], [], 0
+    if pending:
+        yield _joined(pending_conf).float(), _joined(pending_cls).int()
+
+
+def _joined(pieces: list[torch.Tensor]) -> torch.Tensor:
+    return pieces[0] if len(pieces) == 1 else torch.cat(pieces)  # one piece: a view, no copy
+
+
+def _unsigned_order_bits(values: torch.Tensor) -> torch.Tensor:
+    """int32 whose bits, read as unsigned, order like float32 ``values`` (no NaN): the sign bit
+    flipped for non-negative floats, every bit for negative ones."""
+    bits = values.view(torch.int32)
+    return bits ^ ((bits >> 31) | -(2**31))
+
+
+def _float32_of_order_key(keys: torch.Tensor) -> torch.Tensor:
+    """Inverse of ``_unsigned_order_bits``: (C,) int64 keys in [0, 2**32) -> float32 values."""
+    ordered = (keys - 2**31).to(torch.int32)  # the ``_ordered_int32`` image
+    return (ordered ^ ((ordered >> 31) & 0x7FFFFFFF)).view(torch.float32)  # the flip is its own inverse
+
+
+def _digit_histogram(
+    conf_pieces: list[torch.Tensor], class_pieces: list[torch.Tensor], num_classes: int,
+    shift: int, width: int, prefix: torch.Tensor, *, first: bool,
+) -> torch.Tensor:
+    """(C, 2**width) counts of the digit at ``shift`` among each class's elements whose higher
+    digits equal ``prefix[class]`` (all elements in the first pass, which also checks them)."""
+    radix = 1 << width
+    size = num_classes * radix
+    high_mask = (1 << (32 - shift - width)) - 1  # the digits above this one, without sign extension
+    high_prefix = prefix.to(torch.int32)  # < 2**22: fits
+    hist = torch.zeros(size + 1, dtype=torch.int64, device=prefix.device)  # last slot: not a candidate
+    for conf, cls in _blocks(conf_pieces, class_pieces):
+        if first:
+            _check_block(conf, cls, num_classes)
+        keys = _unsigned_order_bits(conf)
+        ids = cls * radix + ((keys >> shift) & (radix - 1))  # int32: C * R < 2**31
+        if not first:
+            ids = torch.where(((keys >> (shift + width)) & high_mask) == high_prefix[cls], ids, size)
+        hist += torch.bincount(ids, minlength=size + 1)
+    return hist[:size].view(num_classes, radix)
+
+
+def _check_block(conf: torch.Tensor, cls: torch.Tensor, num_classes: int) -> None:
+    if bool(torch.isnan(conf).any()):
+        raise ValueError("class_balanced_thresholds_from_sample: confidence holds NaN")
+    low, high = int(cls.min()), int(cls.max())
+    if low < 0 or high >= num_classes:
+        raise ValueError(f"prediction holds class {low if low < 0 else high} but classes are 0..{num_classes - 1}")
+
+
+def _bucket_of_kth_largest(hist: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per class, the digit bucket holding its k-th largest element, and k's rank inside it.
+
+    hist: (C, R) counts; k: (C,) 1-based rank from the top (0 for an empty class, whose bucket
+    means nothing). Returns (bucket (C,), k minus the count of elements in higher buckets (C,)).
+    """
+    radix = hist.shape[1]
+    at_least = hist.flip(1).cumsum(1).flip(1)  # (C, R): elements whose digit >= r
+    bucket = ((at_least >= k[:, None]).sum(1) - 1).clamp(min=0)  # last r with at_least >= k
+    above = torch.cat([at_least[:, 1:], torch.zeros_like(at_least[:, :1])], dim=1)  # digit > r
+    higher = above.gather(1, bucket[:, None])[:, 0]
+    return bucket, torch.where(k > 0, k - higher, k)
 
 
 def class_balanced_pseudo_labels(
