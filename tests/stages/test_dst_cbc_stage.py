@@ -105,12 +105,12 @@ def test_samples_skip_the_batch_padding_and_take_every_nth_pixel():
     logits[0, 1] = 5.0  # image 0 predicts class 1 everywhere
     logits[1, 2] = torch.arange(16.0).view(4, 4)  # image 1 predicts 2, more sure further right/down
     batch = {"image": torch.zeros(2, 3, 4, 4), "size": torch.tensor([[4, 4], [2, 3]])}
-    conf, pred = sampled_confidences(Fixed(logits), [batch], WorkerContext(), 3, sample_every=5)
-    # indices 0, 5, 10, 15 fall in image 0; 20 is image 1's pixel 4 of its 2x3 crop, i.e. (1, 1)
-    # (counting the padding, samples 20, 25 and 30 would all fall in image 1: seven in all)
-    assert pred.tolist() == [1, 1, 1, 1, 2]
+    (conf,), (pred,) = sampled_confidences(Fixed(logits), [batch], WorkerContext(), sample_every=5)
+    # Per image, as the authors' successor code: image 0's pixels 0, 5, 10, 15; image 1's pixels
+    # 0 and 5 of its own 2x3 crop, i.e. (0, 0) and (1, 2); the padding is never sampled.
+    assert pred.tolist() == [1, 1, 1, 1, 0, 2]  # (0, 0) has all-zero logits: argmax ties to class 0
     probs = F.softmax(logits, dim=1)
-    assert conf[-1].item() == pytest.approx(probs[1, 2, 1, 1].item())
+    assert conf[-1].item() == pytest.approx(probs[1, 2, 1, 2].item())
     assert pred.dtype == torch.uint8 and conf.dtype == torch.float32
 
 

@@ -9,6 +9,8 @@ function it was given, ``work(payload, ctx)``. This module knows nothing of stag
 
 from __future__ import annotations
 
+import signal
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -50,10 +52,14 @@ def run_on_ray_train(order: WorkOrder, resources: ResourcesConfig, *, name: str,
         # Deterministic name: re-running the same stage folder resumes rather than duplicates.
         run_config=ray.train.RunConfig(name=name, storage_path=str(Path(storage_path).resolve())),
     )
+    sigint = signal.getsignal(signal.SIGINT)
     try:
         trainer.fit()
     except Exception as error:
         raise unwrap_worker_error(error) from None
+    finally:  # fit() leaves a SIGINT handler of its own that aborts and exits 1: Ctrl-C must stay ours
+        if threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGINT, sigint)
 
 
 def train_loop_per_worker(config: dict[str, Any]) -> None:

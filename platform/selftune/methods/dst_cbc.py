@@ -17,12 +17,12 @@ The alpha curriculum over rounds (0.2, 0.4, ..., 1.0) is a ``selftune.schedules`
 from __future__ import annotations
 
 import math
+from typing import Iterator, Sequence
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from typing import Iterator, Sequence
 
 from selftune.methods.common import IGNORE_INDEX, masked_cross_entropy
 

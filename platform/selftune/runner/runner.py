@@ -29,6 +29,7 @@ from selftune.config import PipelineConfig, ResourcesConfig, StageConfig, flatte
 from selftune.config.kinds import reference_fields
 from selftune.engine.context import WorkerContext
 from selftune.engine.ray_train import WorkOrder, run_on_ray_train
+from selftune.errors import failure_reason
 from selftune.runner.cache import stage_key
 from selftune.stages import RESULT, SUMMARY, StageJob, artifact_path
 from selftune.tracking import KIND_STAGE, NOT_LOGGED, RunTracker, absorb_not_logged, create_run, finish_run
@@ -204,7 +205,7 @@ def terminates(tracking_uri: str, run_id: str | None) -> Iterator[None]:
         finish_run(tracking_uri, run_id, "KILLED", reason="interrupted")
         raise
     except BaseException as error:
-        finish_run(tracking_uri, run_id, "FAILED", reason=f"{type(error).__name__}: {error}")
+        finish_run(tracking_uri, run_id, "FAILED", reason=failure_reason(error))
         raise
     else:
         finish_run(tracking_uri, run_id, "FINISHED")

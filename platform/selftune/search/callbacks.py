@@ -9,27 +9,13 @@ from typing import Any, Callable
 
 from ray.tune import Callback
 
-from selftune.errors import SelftuneError
+from selftune.errors import SelftuneError, failure_reason
 from selftune.search.searcher import stopped_early
 from selftune.search.trial import OBJECTIVE, STAGE
 from selftune.tracking import attempt, client
 
 StageNames = Callable[[dict[str, Any]], list[str]]  # a trial's config -> its pipeline's stage names
 _COLOUR = re.compile(r"\x1b\[[0-9;]*m")
-
-
-def failure_reason(error: BaseException | None) -> str:
-    """The one line a person needs from a trial's error: the innermost cause (Ray wraps an error
-    once per process it crossed), its first line, without Ray's colour codes."""
-    while error is not None and getattr(error, "cause", None) not in (None, error):
-        error = error.cause
-    if error is None:
-        return "unknown error"
-    text = _COLOUR.sub("", str(error)).strip()
-    first = text.splitlines()[0].strip() if text else ""
-    if isinstance(error, SelftuneError) and first:
-        return first  # selftune's own messages say what happened and what to change
-    return f"{type(error).__name__}: {first}" if first else type(error).__name__
 
 
 def trial_failure(trial, stage_names: StageNames | None = None) -> str:

@@ -2,9 +2,10 @@
 
 ``class_balanced_label`` labels the unlabelled images in two passes:
 
-1. Thresholds. Every ``sample_every``-th pixel's (max softmax, argmax) is collected over the whole
-   unlabelled set (all workers), and each class gets the threshold that keeps its top ``alpha``
-   fraction (``methods.dst_cbc.class_balanced_thresholds``; authors: every 16th pixel).
+1. Thresholds. Every ``sample_every``-th pixel of each image (max softmax, argmax) is collected
+   over the whole unlabelled set (all workers) in compact arrays, and each class gets the
+   threshold that keeps its top ``alpha`` fraction (``methods.dst_cbc``; authors: every 16th
+   pixel; a class with n·alpha < 1 keeps everything, as DMT does).
 2. Labels. ``argmax p`` where ``max p >= t_argmax`` (and ``max p > T`` if a global ``T`` is set),
    else 255 (``methods.dst_cbc.class_balanced_pseudo_labels``: the authors' successor rule, DMT;
    the original DST-CBC ``argmax p_c / t_c`` can pick a non-argmax class, which its author called
@@ -34,8 +35,11 @@ from selftune.config import PseudoLabelledTraining, PseudoLabelStage, register_s
 from selftune.config.schema import Fraction01
 from selftune.engine.context import WorkerContext
 from selftune.engine.loop import predict, to_device
-from selftune.methods.dst_cbc import class_balanced_pseudo_labels, class_balanced_thresholds, dynamic_self_training_terms
-from selftune.stages.data import StageData, evaluation_loader, has_ground_truth, prepare_data
+from selftune.methods.dst_cbc import (
+    class_balanced_pseudo_labels, class_balanced_thresholds_from_sample, dynamic_self_training_terms, sample_confidences,
+    valid_pixels,
+)
+from selftune.stages.data import StageData, evaluation_loader, prepare_data
 from selftune.stages.job import StageJob
 from selftune.stages.labelling import label_and_measure, load_model
 from selftune.stages.self_train import pseudo_labelled_batches
@@ -71,28 +75,19 @@ class DstTrainStage(PseudoLabelledTraining):
 
 
 def sampled_confidences(
-    model: torch.nn.Module, loader, ctx: WorkerContext, num_classes: int, sample_every: int
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Every ``sample_every``-th (max p, argmax) of this worker's images, padding excluded.
-
-    Pixels are taken in memory order over each batch's images, as the authors flatten their batch.
-    Returns (M,) float32 confidences and (M,) class ids (uint8 when the classes fit).
-    """
-    class_dtype = torch.uint8 if num_classes <= 256 else torch.int32
+    model: torch.nn.Module, loader, ctx: WorkerContext, sample_every: int
+) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """Every ``sample_every``-th valid pixel of each of this worker's images, per image as the
+    authors' successor code samples (``methods.dst_cbc.sample_confidences``): per batch, compact
+    copies of (max p) float32 and (argmax) uint8, never a view of the full-resolution map."""
     confidences, classes = [], []
     for batch in loader:
         batch = to_device(batch, ctx.device)
-        confidence, prediction = predict(model, batch["image"], ctx).max(dim=1)  # (B, H, W) each
-        sizes = batch["size"].tolist()
-        conf = torch.cat([c[:h, :w].reshape(-1) for c, (h, w) in zip(confidence, sizes)])[::sample_every]
-        pred = torch.cat([p[:h, :w].reshape(-1) for p, (h, w) in zip(prediction, sizes)])[::sample_every]
-        confidences.append(conf.float())
-        classes.append(pred.to(class_dtype))
-    empty = torch.empty(0, device=ctx.device)
-    return (
-        torch.cat(confidences) if confidences else empty.float(),
-        torch.cat(classes) if classes else empty.to(class_dtype),
-    )
+        probs = predict(model, batch["image"], ctx)  # (B, C, H, W)
+        conf, cls = sample_confidences(probs, valid_pixels(batch["size"], *probs.shape[2:]), sample_every)
+        confidences.append(conf)
+        classes.append(cls)
+    return confidences, classes
 
 
 def gather_concat(values: torch.Tensor, ctx: WorkerContext) -> torch.Tensor:
@@ -114,12 +109,16 @@ def global_thresholds(
     model: torch.nn.Module, job: StageJob, ctx: WorkerContext, data: StageData, stage: ClassBalancedLabelStage
 ) -> torch.Tensor:
     """(C,) class-balanced thresholds over the whole unlabelled set, identical on every worker."""
-    truth = has_ground_truth(data.unlabelled)
-    loader = evaluation_loader(data, data.unlabelled, job.pipeline.data, ctx, masks="ground_truth" if truth else "none")
-    conf, pred = sampled_confidences(model, loader, ctx, data.num_classes, stage.sample_every)
-    conf, pred = gather_concat(conf, ctx), gather_concat(pred, ctx)
-    # Already sampled, so sample_every=1 here.
-    return class_balanced_thresholds(conf, pred.long(), data.num_classes, stage.alpha, sample_every=1)
+    loader = evaluation_loader(data, data.unlabelled, job.pipeline.data, ctx, masks="none")  # masks not needed here
+    conf, pred = sampled_confidences(model, loader, ctx, stage.sample_every)
+    if ctx.distributed:  # every worker needs the whole set's thresholds: world_size x the sample
+        conf, pred = [gather_concat(_cat(conf), ctx)], [gather_concat(_cat(pred), ctx)]
+    # A class with n·alpha < 1 keeps all its pixels, as the authors' successor code (DMT) does.
+    return class_balanced_thresholds_from_sample(conf, pred, data.num_classes, stage.alpha, keep_small_classes=True)
+
+
+def _cat(pieces: list[torch.Tensor]) -> torch.Tensor:
+    return torch.cat(pieces) if pieces else torch.empty(0)
 
 
 def threshold_metrics(thresholds: torch.Tensor, class_names: list[str]) -> dict[str, float]:
