@@ -1,7 +1,7 @@
 """Engine overhead: one supervised stage run through selftune vs a bare PyTorch loop doing the
 same work, measured side by side in one process.
 
-selftune side: ``run_stage`` — Ray Train (local mode by default), the worker context, the shared
+selftune side: ``runner.in_process`` — Ray Train (local mode by default), the worker context, the shared
 training loop, per-epoch MLflow logging to a temporary SQLite store, best-checkpoint saving and
 the confusion-matrix picture.
 bare side: the same model (same initial weights), the same data loaders, optimizer, LR schedule,
@@ -26,7 +26,8 @@ import torch.nn.functional as F
 from selftune.config import load_pipeline
 from selftune.data import IGNORE_INDEX
 from selftune.engine.context import WorkerContext
-from selftune.engine.loop import cycle, make_lr_schedule, make_optimizer
+from selftune.data import cycle
+from selftune.engine.loop import make_lr_schedule, make_optimizer
 from selftune.metrics import ConfusionMatrix
 from selftune.models import build_model
 from selftune.stages import StageJob
@@ -79,14 +80,14 @@ def warm_decode_cache(pipeline) -> None:
 
 
 def through_selftune(pipeline, out: Path, tracking_uri: str, experiment_id: str, repeat: int) -> float:
-    from selftune.engine.ray_train import run_stage
+    from selftune.runner import in_process
 
     stage_dir = out / f"stage-{repeat}"
     stage_dir.mkdir()
     run_id = create_run(tracking_uri, experiment_id, name="overhead", kind=KIND_STAGE)
     job = StageJob(pipeline=pipeline, stage_index=0, output_dir=str(stage_dir), tracking_uri=tracking_uri, run_id=run_id)
     started = time.perf_counter()
-    run_stage(job, pipeline.resources, storage_path=out / "ray")
+    in_process(pipeline.resources, storage=lambda _job: out / "ray")(job)
     seconds = time.perf_counter() - started
     finish_run(tracking_uri, run_id, "FINISHED")
     return seconds

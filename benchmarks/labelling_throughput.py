@@ -42,7 +42,7 @@ from selftune.data.io import DECODE_CACHE_ENV
 from selftune.engine.context import WorkerContext
 from selftune.models import build_model, load_checkpoint, save_checkpoint
 from selftune.stages import StageJob
-from selftune.engine.loop import cycle
+from selftune.data import cycle
 from selftune.stages.data import StageData, evaluation_loader, prepare_data, training_loader
 from selftune.tracking import KIND_STAGE, create_run, ensure_experiment, finish_run
 
@@ -81,11 +81,11 @@ def selftune_arm(pipeline, stage_index: int, checkpoint: Path, out: Path, tracki
     """The labelling stage as ``selftune run`` runs it, on ``checkpoint``'s model.
 
     Today: the stage's own function (``pseudo_label``, ``class_balanced_label``, …) through
-    ``engine.ray_train.run_stage``, one MLflow run per call. When the unified labelling pass
+    ``runner.in_process`` (the stage runner's executor), one MLflow run per call. When the unified labelling pass
     exists, call it here instead (same inputs: the pipeline, the stage, the model checkpoint, an
     output folder); the function must return the number of images it labelled.
     """
-    from selftune.engine.ray_train import run_stage
+    from selftune.runner import in_process
 
     out.mkdir(parents=True, exist_ok=False)
     run_id = create_run(tracking_uri, experiment_id, name="labelling-throughput", kind=KIND_STAGE)
@@ -93,7 +93,7 @@ def selftune_arm(pipeline, stage_index: int, checkpoint: Path, out: Path, tracki
                    inputs={"model": str(checkpoint)}, tracking_uri=tracking_uri, run_id=run_id)
     status = "FAILED"
     try:
-        run_stage(job, pipeline.resources, storage_path=out.parent / "ray")
+        in_process(pipeline.resources, storage=lambda _job: out.parent / "ray")(job)
         status = "FINISHED"
     finally:
         finish_run(tracking_uri, run_id, status)

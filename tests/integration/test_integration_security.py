@@ -116,12 +116,12 @@ def test_modules_are_imported_by_name_only_from_inside_the_package():
 def test_unknown_model_or_stage_kind_is_refused_not_imported():
     from selftune.errors import SelftuneError
     from selftune.models import build_model
-    from selftune.stages import stage_function
+    from selftune.config import stage_kind
 
     with pytest.raises(SelftuneError, match="unknown model"):
         build_model("os.system", num_classes=2)
-    with pytest.raises(KeyError):  # a registry lookup, never an import
-        stage_function("subprocess.run")
+    with pytest.raises(SelftuneError, match="unknown stage kind 'subprocess.run'; valid kinds are: "):
+        stage_kind("subprocess.run")  # a registry lookup, never an import
 
 
 def _ray_init_keywords(function: ast.AST, call: ast.Call) -> dict[str, ast.AST] | None:

@@ -26,6 +26,7 @@ def failed_trial(tmp_path, error: BaseException, stages_done: int) -> SimpleName
     pickled = tmp_path / "error.pkl"
     pickled.write_bytes(cloudpickle.dumps(error))
     return SimpleNamespace(trial_id="t1", status="RUNNING", config={"lr": 1e30}, pickled_error_file=str(pickled),
+                           get_pickled_error=lambda: cloudpickle.loads(pickled.read_bytes()),  # what Tune reads
                            error_file=None, last_result={"stage": stages_done, "stages_total": 3})
 
 

@@ -108,8 +108,8 @@ def test_auxnet_pipeline_end_to_end(tmp_path, tracking_uri, small_synthetic):
     assert sorted(stages) == ["auxnet", "confidence_label", "self_train", "supervised"]
     assert all(r.info.status == "FINISHED" for r in runs)
     aux = stages["auxnet"]
-    assert {"aux/train_loss", "aux/val_accuracy", "aux/val_auc"} <= set(aux.data.metrics)
-    history = MlflowClient(tracking_uri).get_metric_history(aux.info.run_id, "aux/train_loss")
+    assert {"train/loss", "train/loss_aux", "aux/val_accuracy", "aux/val_auc"} <= set(aux.data.metrics)
+    history = MlflowClient(tracking_uri).get_metric_history(aux.info.run_id, "train/loss")
     assert sorted({point.step for point in history}) == [1, 2]  # per epoch (+ the kept epoch again at the end)
     assert (out / "1-auxnet" / "checkpoint" / "auxnet.pt").is_file()
     labelling = stages["confidence_label"].data.metrics

@@ -163,12 +163,15 @@ def test_u2pl_pipeline_end_to_end(tmp_path, tracking_uri):
             if "val/best_epoch" in r.data.metrics}
     assert runs["warmup"].info.status == runs["u2pl"].info.status == "FINISHED"
     client = mlflow.MlflowClient()
-    for key in ("pseudo_label/miou", "pseudo_label/kept_fraction", "pseudo_label/class_coverage", "val/miou"):
+    for key in ("train_label/miou", "train_label/kept_fraction", "train_label/class_coverage", "val/miou"):
         history = client.get_metric_history(runs["u2pl"].info.run_id, key)
         assert {m.step for m in history} >= {1, 2}, key  # one point per epoch
-    kept = {m.step: m.value for m in client.get_metric_history(runs["u2pl"].info.run_id, "pseudo_label/kept_fraction")}
+    kept = {m.step: m.value for m in client.get_metric_history(runs["u2pl"].info.run_id, "train_label/kept_fraction")}
     assert kept[1] == pytest.approx(0.8, abs=0.02) and kept[2] == pytest.approx(0.9, abs=0.02)  # 1 - α_t
+    # After training: the whole unlabelled set in eval mode, measured as every labelling stage does.
+    final = client.get_metric_history(runs["u2pl"].info.run_id, "pseudo_label/kept_fraction")
+    assert [m.step for m in final] == [2] and 0.85 <= final[0].value <= 0.95
     # The last epoch's reliable-label quality is the stage's summary: the pipeline run (and table) show it.
     pipeline_run = next(r for r in mlflow.search_runs(experiment_names=["u2"], output_format="list")
                         if r.data.tags.get("selftune.kind") == "pipeline")
-    assert pipeline_run.data.metrics["u2pl/pseudo_label/kept_fraction"] == pytest.approx(kept[2])
+    assert pipeline_run.data.metrics["u2pl/pseudo_label/kept_fraction"] == pytest.approx(final[0].value)

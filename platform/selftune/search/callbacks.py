@@ -31,14 +31,8 @@ def trial_failure(trial, stage_names: StageNames | None = None) -> str:
 
 
 def _pickled_error(trial) -> BaseException | None:
-    """The error Tune pickled for the trial: in the driver's trial folder at once (``get_pickled_error``
-    reads the storage copy, which Tune syncs later)."""
-    import cloudpickle
-
-    path = trial.pickled_error_file
-    if path and os.path.exists(path):
-        with open(path, "rb") as f:
-            return cloudpickle.load(f)
+    """The error Tune pickled for the trial, read by Tune itself (selftune unpickles nothing); when
+    Tune's storage copy is not there yet, the error file's text names the cause instead."""
     return trial.get_pickled_error()
 
 
