@@ -126,13 +126,17 @@ def command_search(args: argparse.Namespace) -> int:
 
 
 def command_show(args: argparse.Namespace) -> int:
-    from selftune.search.summary import find_search_run, format_rows, trial_rows
+    from selftune.search.summary import best_line, best_row, find_search_run, format_rows, trial_rows
     from selftune.tracking import resolve_tracking_uri
 
     tracking_uri = resolve_tracking_uri(args.tracking_uri)
     run = find_search_run(tracking_uri, args.reference)
     print(f"search run {run.info.run_id} ({run.info.status}), {run.data.tags.get('selftune.space', '')}")
-    print(format_rows(trial_rows(tracking_uri, run)))
+    rows = trial_rows(tracking_uri, run)
+    print(format_rows(rows))
+    best = best_row(rows, run.data.tags.get("selftune.mode", "max"))
+    if best:
+        print("\n" + best_line(best))
     return 0
 
 

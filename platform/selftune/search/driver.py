@@ -29,7 +29,7 @@ from selftune.errors import ConfigError
 from selftune.interrupts import sigterm_as_interrupt
 from selftune.search.space import SearchSpace
 from selftune.search.summary import (
-    KIND_SEARCH, TrialRow, best_row, find_search_run, format_rows, merge_rows, plot_search, reported_rows, trial_rows, write_csv,
+    KIND_SEARCH, TrialRow, best_line, best_row, find_search_run, format_rows, merge_rows, plot_search, reported_rows, trial_rows, write_csv,
 )
 from selftune.search.dashboard import dashboard_line
 from selftune.search.callbacks import Progress, TrialRunCloser, close_open_runs
@@ -344,7 +344,7 @@ def _typed(params: dict[str, str], space: SearchSpace) -> dict[str, Any]:
 def format_outcome(outcome: SearchOutcome, tracking_uri: str) -> str:
     lines = ["", format_rows(outcome.rows)]
     if outcome.best:
-        lines.append(f"\nbest trial {outcome.best.trial_id}: objective {outcome.best.objective:.4f}")
+        lines.append("\n" + best_line(outcome.best))
         lines += [f"  {k} = {v}" for k, v in outcome.best.params.items()]
         lines.append(f"run it as a tuned final run with: selftune final --from {outcome.run_id}")
     lines.append(f"\nfolder: {outcome.folder}\nMLflow search run {outcome.run_id}; browse with: mlflow ui --backend-store-uri {tracking_uri}")

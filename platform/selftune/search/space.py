@@ -100,7 +100,9 @@ class ConditionalParam(_Strict):
 
 
 class Objective(_Strict):
-    metric: str = "val/miou"  # "val/miou": the last training stage's; or "<stage>/val/miou", ...
+    # "select/miou": the last training stage's mIoU on the selection images (data.selection), never
+    # the reported val/miou; or "<stage>/select/miou", "<stage>/pseudo_label/miou", ...
+    metric: str = "select/miou"
     mode: Literal["max", "min"] = "max"
 
 

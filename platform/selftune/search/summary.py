@@ -17,6 +17,9 @@ from selftune.tracking import client
 KIND_SEARCH = "search"
 
 
+STAGE_SUFFIXES = ("/select/miou", "/val/miou", "/pseudo_label/miou")  # per-stage columns of the trial table
+
+
 @dataclass
 class TrialRow:
     trial_id: str
@@ -25,6 +28,8 @@ class TrialRow:
     params: dict[str, str]
     stage_metrics: dict[str, dict[str, float]] = field(default_factory=dict)  # stage -> {val/miou, pseudo_label/miou}
     objective: float | None = None
+    select_miou: float | None = None  # the last training stage's, at its chosen epoch
+    val_miou: float | None = None  # the same checkpoint on the reported val images
     cache_hits: int = 0
     error: str | None = None
     started: int = 0  # ms since the epoch: rows are listed in the order trials started
@@ -64,13 +69,14 @@ def trial_rows(tracking_uri: str, search_run) -> list[TrialRow]:
         status = "STOPPED" if tags.get("selftune.stopped_early") else run.info.status
         stage_metrics: dict[str, dict[str, float]] = {}
         for key, value in metrics.items():
-            for suffix in ("/val/miou", "/pseudo_label/miou"):
+            for suffix in STAGE_SUFFIXES:
                 if key.endswith(suffix) and key.count("/") == suffix.count("/"):
                     stage_metrics.setdefault(key.removesuffix(suffix), {})[suffix[1:]] = value
         rows.append(TrialRow(
             trial_id=tags.get("selftune.trial_id", run.info.run_id), run_id=run.info.run_id, status=status,
             params=dict(run.data.params), stage_metrics=stage_metrics,
             objective=metrics.get("objective"), cache_hits=int(metrics.get("cache_hits", 0)),
+            select_miou=metrics.get("select/miou"), val_miou=metrics.get("val/miou"),
             error=tags.get("selftune.error"), started=run.info.start_time or 0,
         ))
     return sorted(rows, key=lambda row: (row.started, row.trial_id))
@@ -88,7 +94,7 @@ def reported_rows(results) -> list[TrialRow]:
         history = result.metrics_dataframe
         for record in ([] if history is None else history.to_dict("records")):
             for key, value in record.items():
-                for suffix in ("/val/miou", "/pseudo_label/miou"):
+                for suffix in STAGE_SUFFIXES:
                     if isinstance(key, str) and key.endswith(suffix) and key.count("/") == suffix.count("/") \
                             and isinstance(value, (int, float)) and math.isfinite(value):
                         stage_metrics.setdefault(key.removesuffix(suffix), {})[suffix[1:]] = float(value)
@@ -98,6 +104,7 @@ def reported_rows(results) -> list[TrialRow]:
             status="FAILED" if result.error else ("FINISHED" if finished else "STOPPED"),
             params={key: str(value) for key, value in (result.config or {}).items()}, stage_metrics=stage_metrics,
             objective=last.get("objective"), cache_hits=int(last.get("cache_hits", 0)),
+            select_miou=last.get("select/miou"), val_miou=last.get("val/miou"),
             error=f"{type(result.error).__name__}: {result.error}" if result.error else None,
         ))
     return rows
@@ -117,6 +124,8 @@ def merge_rows(logged: list[TrialRow], reported: list[TrialRow], prefer_reported
         for stage in {*old.stage_metrics, *new.stage_metrics}:
             old.stage_metrics[stage] = {**second.stage_metrics.get(stage, {}), **first.stage_metrics.get(stage, {})}
         old.objective = first.objective if first.objective is not None else second.objective
+        old.select_miou = first.select_miou if first.select_miou is not None else second.select_miou
+        old.val_miou = first.val_miou if first.val_miou is not None else second.val_miou
         old.cache_hits = max(old.cache_hits, new.cache_hits)
         if old.status == "RUNNING" or (prefer_reported and old.status in ("FINISHED", "STOPPED")):
             old.status = new.status  # MLflow may not have been told how the trial ended
@@ -138,7 +147,7 @@ def format_rows(rows: list[TrialRow]) -> str:
     for row in rows:
         for stage, values in row.stage_metrics.items():
             columns += [(stage, metric) for metric in values if (stage, metric) not in columns]
-    label = {"val/miou": "val", "pseudo_label/miou": "PL"}
+    label = {"select/miou": "sel", "val/miou": "val", "pseudo_label/miou": "PL"}
     headers = ["trial", *[short[p] for p in params], *[f"{stage} {label[metric]}" for stage, metric in columns],
                "objective", "cache hits", "status"]
     table = [
@@ -148,6 +157,18 @@ def format_rows(rows: list[TrialRow]) -> str:
         for row in rows
     ]
     return format_table(headers, table)
+
+
+def best_line(row: TrialRow) -> str:
+    """The best trial's selection value, its val value and the gap: how optimistic choosing was."""
+    if row.select_miou is None or row.val_miou is None:
+        return f"best trial {row.trial_id}: objective {_number(row.objective)}"
+    gap = row.select_miou - row.val_miou
+    line = (f"best trial {row.trial_id}: select mIoU {row.select_miou:.4f} (what the search maximised), "
+            f"val mIoU {row.val_miou:.4f} on the reported images, gap {gap:+.4f}")
+    if row.select_miou == row.val_miou:
+        line += " (data.selection: val — chosen on the reported set itself, so the val mIoU is optimistic)"
+    return line
 
 
 def short_names(names: list[str]) -> dict[str, str]:
@@ -170,11 +191,11 @@ def write_csv(rows: list[TrialRow], path: Path) -> Path:
     with open(path, "w", newline="") as f:
         writer = csv.writer(f)
         writer.writerow(["trial_id", "run_id", "status", "objective", "cache_hits", *params,
-                         *[f"{s}/{k}" for s in stages for k in ("val/miou", "pseudo_label/miou")]])
+                         *[f"{s}/{k}" for s in stages for k in ("select/miou", "val/miou", "pseudo_label/miou")]])
         for row in rows:
             writer.writerow([row.trial_id, row.run_id, row.status, row.objective, row.cache_hits,
                              *[row.params.get(p, "") for p in params],
-                             *[row.stage_metrics.get(s, {}).get(k, "") for s in stages for k in ("val/miou", "pseudo_label/miou")]])
+                             *[row.stage_metrics.get(s, {}).get(k, "") for s in stages for k in ("select/miou", "val/miou", "pseudo_label/miou")]])
     return path
 
 

@@ -49,13 +49,14 @@ class TrialContext:
     not_logged_dir: str = ""  # each trial writes what it could not log to <dir>/<trial id>.json
 
 
-def objective_value(metric: str, stage: StageResult, latest_val: float | None) -> float | None:
-    """The objective after ``stage``: ``metric`` itself when this stage logged it (``val/miou`` or
-    ``<stage>/<key>``), else the latest training stage's val mIoU."""
+def objective_value(metric: str, stage: StageResult, latest_select: float | None) -> float | None:
+    """The objective after ``stage``: ``metric`` itself when this stage logged it (``select/miou``
+    or ``<stage>/<key>``), else the latest training stage's ``select/miou`` — never the reported
+    ``val/miou`` unless the space asks for it by name."""
     own = stage.summary.get(metric)
     if own is None and metric.startswith(f"{stage.name}/"):
         own = stage.summary.get(metric.removeprefix(f"{stage.name}/"))
-    return own if own is not None else latest_val
+    return own if own is not None else latest_select
 
 
 def run_trial(config: dict[str, Any], context: TrialContext) -> None:
@@ -100,13 +101,15 @@ def report_stage(
     import ray.tune
 
     index = result.index
-    vals = [r.summary["val/miou"] for r in results if "val/miou" in r.summary]
-    latest_val = vals[-1] if vals else None
+    trained = [r.summary for r in results if "val/miou" in r.summary]
+    latest_val = trained[-1]["val/miou"] if trained else None
+    latest_select = trained[-1].get("select/miou", latest_val) if trained else None
     hits = sum(r.hit and not r.resumed for r in results)  # reuses this session made
-    value = objective_value(objective, result, latest_val)
+    value = objective_value(objective, result, latest_select)
     metrics = {
         STAGE: index + 1, "stages_total": len(pipeline.stages), "cache_hits": hits, "cache_hit": int(result.hit),
         "trial_run_id": trial_run_id or "",
+        **({"select/miou": latest_select, "val/miou": latest_val} if trained else {}),
         **{f"{result.name}/{k}": v for k, v in result.summary.items() if isinstance(v, (int, float))},
     }
     tracker.log_metrics({"cache_hits": hits}, step=index)
@@ -114,7 +117,7 @@ def report_stage(
         metrics[OBJECTIVE] = value
         tracker.log_metrics({OBJECTIVE: value}, step=index)
     if index == len(pipeline.stages) - 1 and latest_val is not None:
-        tracker.log_metrics({"val/miou": latest_val})
+        tracker.log_metrics({"val/miou": latest_val, "select/miou": latest_select})
     with tempfile.TemporaryDirectory() as tmp:
         (Path(tmp) / "state.json").write_text(json.dumps({"stages_done": index + 1}))
         ray.tune.report(metrics, checkpoint=ray.tune.Checkpoint.from_directory(tmp))
