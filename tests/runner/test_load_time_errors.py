@@ -56,3 +56,12 @@ def test_a_pipeline_loads_in_a_fresh_process_without_importing_the_stages_first(
     result = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr[-1500:]
     assert result.stdout.strip() == "11"
+
+
+def test_an_out_that_is_a_file_is_one_line_and_the_file_stays(tmp_path, capsys, tracking_uri):
+    target = tmp_path / "results.txt"
+    target.write_text("earlier results")
+    code = main(["run", QUICKSTART, "--out", str(target), "--tracking-uri", tracking_uri])
+    (line,) = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and f"--out {target}: is a file" in line
+    assert target.read_text() == "earlier results"

@@ -144,6 +144,14 @@ class PseudoLabelStage(StageConfig):
     kind: Literal["pseudo_label"] = "pseudo_label"
     model_from: ModelFrom = None  # None: the closest earlier training stage
     threshold: Fraction01 | None = None  # keep pixels whose max softmax probability is >= threshold
+    unused_threshold: ClassVar[str | None] = None  # a kind that keeps pixels otherwise says how, here
+
+    @field_validator("threshold")
+    @classmethod
+    def _threshold_is_used(cls, value: float | None) -> float | None:
+        if value is not None and cls.unused_threshold:
+            raise ValueError(f"is not used by {cls.model_fields['kind'].default}; {cls.unused_threshold}")
+        return value
 
 
 class PseudoLabelledTraining(TrainingStageConfig):

@@ -6,16 +6,8 @@ and a whole pipeline run under MLflow (``pipeline.run_pipeline``)."""
 from selftune.runner.cache import RunFolders, StageCache, stage_key
 from selftune.runner.pipeline import PipelineResult, check_data, new_output_dir, run_pipeline
 from selftune.runner.runner import (
-    StageResult,
-    Tracking,
-    in_process,
-    pipeline_metrics,
-    record_reused_stage,
-    round_metrics,
-    run_stage_on_worker,
-    run_stages,
-    run_tracked_stage,
-    terminates,
+    StageResult, Tracking, in_process, pipeline_metrics, record_reused_stage, round_metrics, run_stage_on_worker,
+    run_stages, run_tracked_stage, terminates,
 )
 
 __all__ = [

@@ -26,7 +26,7 @@ from typing import Annotated, Any, ClassVar, Literal
 
 import torch
 import torch.nn.functional as F
-from pydantic import Field, field_validator
+from pydantic import Field
 
 from selftune.config import AUX_MODEL, MODEL, OptimizerConfig, PseudoLabelStage, Reference, StageConfig, register_stage
 from selftune.config.kinds import REQUIRED
@@ -77,13 +77,7 @@ class ConfidenceLabelStage(PseudoLabelStage):
     # The aux_confidence stage; required.
     aux_from: Annotated[str, Reference("aux_model", AUX_MODEL, when_missing=REQUIRED)]
     t_aux: Fraction01 = 0.9  # paper: best 0.9 (Table 3 sweeps 0 ... 0.9)
-
-    @field_validator("threshold")
-    @classmethod
-    def _no_threshold(cls, value: float | None) -> float | None:
-        if value is not None:
-            raise ValueError("is not used by confidence_label; the auxiliary confidence threshold is t_aux")
-        return value
+    unused_threshold: ClassVar[str | None] = "the auxiliary confidence threshold is t_aux"
 
 
 # --------------------------------------------------------------------------------------------

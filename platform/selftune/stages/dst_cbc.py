@@ -25,11 +25,11 @@ resolution (the authors resize VOC to 321×321 first).
 from __future__ import annotations
 
 import math
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import torch
 import torch.distributed as dist
-from pydantic import Field, field_validator
+from pydantic import Field
 
 from selftune.config import PseudoLabelledTraining, PseudoLabelStage, register_stage
 from selftune.config.schema import Fraction01
@@ -42,8 +42,7 @@ from selftune.methods.dst_cbc import (
 from selftune.stages.data import StageData, evaluation_loader, prepare_data
 from selftune.stages.job import StageJob
 from selftune.stages.labelling import label_and_measure, load_model
-from selftune.stages.self_train import pseudo_labelled_batches
-from selftune.stages.training import initial_model, train_network
+from selftune.stages.self_train import train_on_pseudo_labels
 
 
 class ClassBalancedLabelStage(PseudoLabelStage):
@@ -53,13 +52,7 @@ class ClassBalancedLabelStage(PseudoLabelStage):
     alpha: Fraction01 = 0.2  # fraction kept per class; scheduled over rounds (0.2 -> 1.0)
     T: Fraction01 | None = None  # eq. 6 global threshold, max p > T; None: off (the paper's main setting)
     sample_every: int = Field(16, ge=1)  # threshold estimated on every n-th pixel (authors: 16 = 6.25 %)
-
-    @field_validator("threshold")
-    @classmethod
-    def _no_threshold(cls, value: float | None) -> float | None:
-        if value is not None:
-            raise ValueError("is not used by class_balanced_label; use T for a global confidence threshold")
-        return value
+    unused_threshold: ClassVar[str | None] = "use T for a global confidence threshold"
 
 
 class DstTrainStage(PseudoLabelledTraining):
@@ -163,8 +156,4 @@ def dst_terms(pseudo_weight: float, gamma: float):
 @register_stage(DstTrainStage)
 def run_dst_train(job: StageJob, ctx: WorkerContext) -> dict[str, Any]:
     stage: DstTrainStage = job.stage  # type: ignore[assignment]
-    data = prepare_data(job.pipeline.data, job.seed)
-    network, model_config = initial_model(job, data.num_classes)
-    batches, steps = pseudo_labelled_batches(job, ctx, data, stage)
-    return train_network(job, ctx, data, network, model_config, batches=batches, steps_per_epoch=steps,
-                         compute_losses=dst_terms(stage.pseudo_weight, stage.gamma))
+    return train_on_pseudo_labels(job, ctx, lambda data: dst_terms(stage.pseudo_weight, stage.gamma))

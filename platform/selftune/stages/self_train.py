@@ -8,7 +8,7 @@ denominator, is its own kind (``dst_train``, ``stages.dst_cbc``).
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Callable
 
 import torch
 import torch.nn.functional as F
@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from selftune.config import PseudoLabelledTraining, SelfTrainStage, register_stage
 from selftune.data import IGNORE_INDEX, TwoStreamBatch, cycle, two_streams
 from selftune.engine.context import WorkerContext
+from selftune.engine.loop import LossFn
 from selftune.methods.common import class_weighted_cross_entropy, masked_cross_entropy
 from selftune.stages.data import StageData, prepare_data, training_loader
 from selftune.stages.job import StageJob
@@ -53,11 +54,17 @@ def pseudo_labelled_batches(job: StageJob, ctx: WorkerContext, data: StageData, 
     return two_streams(cycle(labelled), cycle(pseudo)), steps
 
 
+def train_on_pseudo_labels(job: StageJob, ctx: WorkerContext, losses: Callable[[StageData], LossFn]) -> dict[str, Any]:
+    """A stage that trains the ``init`` network (or a fresh one) on labelled + pseudo-labelled
+    batches; ``losses(data)`` builds its ``compute_losses``."""
+    data = prepare_data(job.pipeline.data, job.seed)
+    network, model_config = initial_model(job, data.num_classes)
+    batches, steps = pseudo_labelled_batches(job, ctx, data, job.stage)
+    return train_network(job, ctx, data, network, model_config, batches=batches, steps_per_epoch=steps,
+                         compute_losses=losses(data))
+
+
 @register_stage(SelfTrainStage)
 def run_self_train(job: StageJob, ctx: WorkerContext) -> dict[str, Any]:
     stage: SelfTrainStage = job.stage  # type: ignore[assignment]
-    data = prepare_data(job.pipeline.data, job.seed)
-    network, model_config = initial_model(job, data.num_classes)
-    batches, steps = pseudo_labelled_batches(job, ctx, data, stage)
-    return train_network(job, ctx, data, network, model_config, batches=batches, steps_per_epoch=steps,
-                         compute_losses=self_training_terms(stage.pseudo_weight, enet_weights(stage, data, ctx)))
+    return train_on_pseudo_labels(job, ctx, lambda data: self_training_terms(stage.pseudo_weight, enet_weights(stage, data, ctx)))

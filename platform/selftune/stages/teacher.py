@@ -22,6 +22,7 @@ from torch import nn
 from selftune.engine.loop import Hook, TrainState, unwrap
 from selftune.methods.common import ema_update
 from selftune.models import build_model, load_checkpoint
+from selftune.models.multi_head import multi_head_config
 from selftune.stages.job import StageJob
 from selftune.stages.training import ModelConfig, fresh_network
 
@@ -88,6 +89,13 @@ class EmaUpdate(Hook):
         pair.update_teacher(state.epoch_index)
 
 
+def multi_head_model_config(job: StageJob, num_classes: int, **options: Any) -> ModelConfig:
+    """The model config of a multi-head network around the pipeline's model (``options``: its
+    ``shared_blocks``, ``branch``, …), as a checkpoint's ``model.json`` records it."""
+    model = job.pipeline.model
+    return {"num_classes": num_classes, **multi_head_config(model.name, dict(model.options), **options)}
+
+
 def multi_head_student(job: StageJob, model_config: ModelConfig) -> nn.Module:
     """Fresh multi-head network (the same on every rank); with an ``init`` input (a plain network's
     checkpoint folder, or a multi-head one) its main path starts from it, the branch stays fresh."""
@@ -106,4 +114,4 @@ def multi_head_student(job: StageJob, model_config: ModelConfig) -> nn.Module:
     return student
 
 
-__all__ = ["EmaUpdate", "MeanTeacher", "build_model", "multi_head_student"]
+__all__ = ["EmaUpdate", "MeanTeacher", "multi_head_model_config", "multi_head_student"]

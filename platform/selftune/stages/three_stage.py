@@ -47,11 +47,10 @@ from selftune.methods.three_stage import (
     pseudo_label_loss,
     sample_geometric_transform,
 )
-from selftune.models.multi_head import multi_head_config
 from selftune.schedules import schedule_value, validate_schedule
 from selftune.stages.data import prepare_data, training_loader
 from selftune.stages.job import StageJob
-from selftune.stages.teacher import EmaUpdate, MeanTeacher, multi_head_student
+from selftune.stages.teacher import EmaUpdate, MeanTeacher, multi_head_model_config, multi_head_student
 from selftune.stages.training import steps_per_epoch, train_network
 
 
@@ -136,9 +135,7 @@ def run_multi_task(job: StageJob, ctx: WorkerContext) -> dict[str, Any]:
     stage: MultiTaskStage = job.stage  # type: ignore[assignment]
     config = job.pipeline.data
     data = prepare_data(config, job.seed)
-    model = job.pipeline.model
-    model_config = {"num_classes": data.num_classes,
-                    **multi_head_config(model.name, dict(model.options), shared_blocks=stage.shared_blocks)}
+    model_config = multi_head_model_config(job, data.num_classes, shared_blocks=stage.shared_blocks)
     student = multi_head_student(job, model_config)  # fresh θ (Algorithm 1) unless init_from
     steps = steps_per_epoch(stage.steps_per_epoch, len(data.unlabelled), stage.unlabelled_batch_size, ctx.world_size)
     pair = MeanTeacher(student, ema_decay_of(stage))

@@ -46,11 +46,10 @@ from selftune.methods.common import (
     IGNORE_INDEX, apply_cutmix, cutmix_boxes, ema_decay, masked_cross_entropy, resize_labels, zero_loss,
 )
 from selftune.metrics import PseudoLabelQuality
-from selftune.models.multi_head import multi_head_config
 from selftune.stages.data import StageData, has_ground_truth, prepare_data, training_loader
 from selftune.stages.job import StageJob
 from selftune.stages.labelling import label_samples, log_quality, loggable, quality_summary
-from selftune.stages.teacher import EmaUpdate, MeanTeacher, multi_head_student
+from selftune.stages.teacher import EmaUpdate, MeanTeacher, multi_head_model_config, multi_head_student
 from selftune.stages.training import steps_per_epoch, train_network
 
 
@@ -202,9 +201,8 @@ def run_u2pl(job: StageJob, ctx: WorkerContext) -> dict[str, Any]:
     stage: U2PLStage = job.stage  # type: ignore[assignment]
     config = job.pipeline.data
     data = prepare_data(config, job.seed)
-    model = job.pipeline.model
-    model_config = {"num_classes": data.num_classes, **multi_head_config(
-        model.name, dict(model.options), shared_blocks="N-1", branch="projection", projection_dim=stage.feature_dim)}
+    model_config = multi_head_model_config(job, data.num_classes, shared_blocks="N-1", branch="projection",
+                                           projection_dim=stage.feature_dim)
     student = multi_head_student(job, model_config)
     pair = MeanTeacher(student, lambda updates, epoch: ema_decay(updates, stage.ema_decay),
                        parameters_only=True, teacher_train_mode=True)
