@@ -82,3 +82,19 @@ def test_a_non_finite_loss_ends_training_with_one_clear_error():
     with pytest.raises(TrainingDiverged, match="training diverged.*lower the learning rate"):
         fit(nn.Linear(2, 1), _batches(), epochs=1, steps_per_epoch=1, compute_losses=nan_loss,
             optimizer=OptimizerConfig(lr=0.01), ctx=WorkerContext.local("cpu"))
+
+
+def test_head_lr_mult_gives_the_head_its_own_group_at_that_multiple():
+    from selftune.engine.loop import make_optimizer
+    from selftune.models import build_model
+
+    model = build_model("small_segnet", 3, width=8)
+    flat = make_optimizer(model, OptimizerConfig(lr=0.01))
+    assert len(flat.param_groups) == 1  # the default: one group, as before
+    grouped = make_optimizer(model, OptimizerConfig(lr=0.01, head_lr_mult=10.0))
+    lrs = sorted(group["lr"] for group in grouped.param_groups)
+    assert lrs == [0.01, pytest.approx(0.1)]
+    head = {id(p) for p in model.head.parameters()}
+    (head_group,) = [g for g in grouped.param_groups if g["lr"] == pytest.approx(0.1)]
+    assert {id(p) for p in head_group["params"]} == head
+    assert sum(len(g["params"]) for g in grouped.param_groups) == len(list(model.parameters()))
