@@ -68,3 +68,15 @@ def test_a_resumed_search_that_had_ended_counts_its_trials():
     progress = Progress(total=2, mode="max", say=lambda line: None)
     progress.on_experiment_end([SimpleNamespace(trial_id=f"t{i}", status="TERMINATED") for i in range(2)])
     assert progress.ended == 2
+
+
+def test_without_tunes_pickled_copy_the_error_files_last_line_names_the_cause(tmp_path):
+    from selftune.search.callbacks import trial_failure
+
+    text = tmp_path / "error.txt"
+    text.write_text("Traceback (most recent call last):\n  File \"x.py\", line 1\n"
+                    "\x1b[31mselftune.engine.loop.TrainingDiverged: training diverged: the loss became non-finite\x1b[0m\n")
+    trial = SimpleNamespace(trial_id="t1", status="ERROR", config={}, get_pickled_error=lambda: None,
+                            error_file=str(text), last_result={"stage": 2, "stages_total": 3})
+    assert trial_failure(trial, lambda config: ["supervised", "pseudo_label", "self_train"]) == \
+        "stage self_train: training diverged: the loss became non-finite"

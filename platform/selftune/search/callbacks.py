@@ -21,10 +21,10 @@ _COLOUR = re.compile(r"\x1b\[[0-9;]*m")
 def trial_failure(trial, stage_names: StageNames | None = None) -> str:
     """``stage <name>: <reason>`` for a trial Tune saw fail (its traceback stays in its error file)."""
     try:
-        reason = failure_reason(_pickled_error(trial))
-    except Exception:  # noqa: BLE001 - an error that does not unpickle: its text's last line names it
-        text = _COLOUR.sub("", _error_text(trial)).strip()
-        reason = text.splitlines()[-1].strip() if text else "unknown error"
+        error = _pickled_error(trial)
+    except Exception:  # noqa: BLE001 - an error that does not unpickle: its text names it
+        error = None
+    reason = failure_reason(error) if error is not None else _last_line(_error_text(trial))
     done = (trial.last_result or {}).get(STAGE, 0)  # stages done: the failing one is the next
     names = _stage_names(trial, stage_names)
     return f"stage {names[done]}: {reason}" if done < len(names) else reason
@@ -34,6 +34,16 @@ def _pickled_error(trial) -> BaseException | None:
     """The error Tune pickled for the trial, read by Tune itself (selftune unpickles nothing); when
     Tune's storage copy is not there yet, the error file's text names the cause instead."""
     return trial.get_pickled_error()
+
+
+def _last_line(text: str) -> str:
+    """The traceback's last line, without colours or a selftune exception's dotted class name
+    (``selftune.engine.loop.TrainingDiverged: training diverged: …`` -> ``training diverged: …``)."""
+    lines = [line.strip() for line in _COLOUR.sub("", text).strip().splitlines() if line.strip()]
+    if not lines:
+        return "unknown error"
+    name, sep, message = lines[-1].partition(": ")
+    return message if sep and name.startswith("selftune.") and " " not in name else lines[-1]
 
 
 def _error_text(trial) -> str:
