@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from selftune.errors import ConfigError, DataError
-from selftune.models.network import SegmentationNetwork
+from selftune.models.network import SegmentationNetwork, bare_network
 from selftune.models.registry import build_model
 
 __all__ = ["MODEL_CONFIG_FILE", "STATE_DICT_FILE", "load_checkpoint", "save_checkpoint"]
@@ -31,17 +31,6 @@ MODEL_KEYS = ("name", "num_classes", "options")
 # Options that only say where the *initial* weights came from. The checkpoint's state dict replaces
 # them, so rebuilding must not fetch them again (it may be offline, or lack torchvision).
 INITIALISATION_OPTIONS = ("pretrained",)
-
-
-def _unwrap(model: nn.Module) -> nn.Module:
-    """The bare network inside DistributedDataParallel / DataParallel / torch.compile wrappers."""
-    while True:
-        if isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
-            model = model.module
-        elif hasattr(model, "_orig_mod"):  # torch.compile's OptimizedModule
-            model = model._orig_mod
-        else:
-            return model
 
 
 def _write_atomically(path: Path, write: Callable[[IO[bytes]], None]) -> None:
@@ -89,7 +78,7 @@ def save_checkpoint(
     record = _model_record(model_config, extra)
     text = json.dumps(record, indent=2, sort_keys=True)  # fails here, before any file is touched
     directory.mkdir(parents=True, exist_ok=True)
-    state = {key: value.detach().cpu() for key, value in _unwrap(model).state_dict().items()}
+    state = {key: value.detach().cpu() for key, value in bare_network(model).state_dict().items()}
     _write_atomically(directory / STATE_DICT_FILE, lambda file: torch.save(state, file))
     _write_atomically(directory / MODEL_CONFIG_FILE, lambda file: file.write(text.encode("utf-8")))
     return directory

@@ -48,7 +48,7 @@ class SegmentationNetwork(nn.Module):
         return F.interpolate(logits, size=x.shape[-2:], mode="bilinear", align_corners=False)
 
 
-def _bare(model: nn.Module) -> nn.Module:
+def bare_network(model: nn.Module) -> nn.Module:
     """The network inside DistributedDataParallel / DataParallel / torch.compile wrappers."""
     while True:
         if isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
@@ -77,12 +77,12 @@ def parameter_groups(model: nn.Module, base_lr: float, head_lr_mult: float = 1.0
     if head_lr_mult <= 0:
         raise ValueError(f"head_lr_mult must be > 0, but got {head_lr_mult}")
     head_ids = {
-        id(p) for module in _bare(model).modules() if isinstance(module, SegmentationNetwork)
+        id(p) for module in bare_network(model).modules() if isinstance(module, SegmentationNetwork)
         for p in module.head.parameters()
     }
     if not head_ids and head_lr_mult != 1.0:
         raise ValueError(
-            f"parameter_groups: {type(_bare(model)).__name__} holds no SegmentationNetwork head, so "
+            f"parameter_groups: {type(bare_network(model)).__name__} holds no SegmentationNetwork head, so "
             f"head_lr_mult={head_lr_mult} has nothing to apply to; use 1"
         )
     trainable = [p for p in model.parameters() if p.requires_grad]
