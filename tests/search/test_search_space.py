@@ -204,7 +204,8 @@ PAPERS_KNOBS = {  # issue 14: knobs the papers tune, each in its method's shippe
     "dst_cbc": ["stages.dst.stages.train.optimizer.weight_decay", "stages.dst.stages.train.gamma"],
     "u2pl": ["stages.u2pl.r_h", "stages.u2pl.ema_decay", "stages.u2pl.alpha0"],
     "st_plus_plus": ["stages.supervised.snapshots", "stages.select.reliable_fraction"],
-    "saug_dsbn_scl": ["stages.saug.rounds", "stages.saug.stages.label.flip", "stages.saug.stages.student.n_ops"],
+    "saug_dsbn_scl": ["stages.saug.rounds", "stages.saug.stages.label.flip", "stages.saug.stages.label.scales",
+                      "stages.saug.stages.student.n_ops"],
     "three_stage": ["stages.stage2.shared_blocks", "stages.stage2.optimizer.lr", "stages.stage3.optimizer.lr"],
 }
 
@@ -213,3 +214,11 @@ PAPERS_KNOBS = {  # issue 14: knobs the papers tune, each in its method's shippe
 def test_each_method_space_searches_the_knobs_its_paper_tunes(name):
     space = load_search_space(REPO / "search_spaces" / f"{name}.yaml")
     assert set(PAPERS_KNOBS[name]) <= set(space.params)  # and every corner was a valid pipeline at load
+
+
+def test_a_tta_scale_set_is_chosen_as_text_and_becomes_the_list():
+    space = load_search_space(REPO / "search_spaces" / "saug_dsbn_scl.yaml")
+    corner = next(iter(space.corner_samples()))  # a full sample, then the scale set chosen
+    pipeline = space.pipeline_for({**corner, "stages.saug.stages.label.scales": "0.75,1.0,1.25"})
+    labels = [stage for stage in pipeline.stages if stage.kind == "tta_label"]
+    assert labels and all(stage.scales == [0.75, 1.0, 1.25] for stage in labels)

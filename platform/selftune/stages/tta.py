@@ -34,6 +34,18 @@ class TtaLabelStage(PseudoLabelStage):
     scales: list[float] = Field(default_factory=lambda: list(YUAN_SCALES), min_length=1)  # [1.0] + flip false = plain argmax
     flip: bool = True  # add the horizontally flipped view of every scale
 
+    @field_validator("scales", mode="before")
+    @classmethod
+    def _from_text(cls, value: Any) -> Any:
+        """``"0.75,1.0,1.25"`` is ``[0.75, 1.0, 1.25]``: a search space can choose among scale sets
+        (Optuna's categorical choices are scalars, not lists)."""
+        if isinstance(value, str):
+            try:
+                return [float(part) for part in value.split(",") if part.strip()]
+            except ValueError:
+                raise ValueError("must be a list of scales or a comma-separated text such as '0.75,1.0,1.25'") from None
+        return value
+
     @field_validator("scales")
     @classmethod
     def _positive(cls, value: list[float]) -> list[float]:
