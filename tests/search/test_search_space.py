@@ -155,7 +155,8 @@ def test_points_to_evaluate_outside_the_space_are_refused_at_load(tmp_path, name
 def test_points_to_evaluate_inside_the_space_load(tmp_path):
     point = {"stages.pseudo_label.threshold": 0.9, "stages.self_train.optimizer.lr": 1.0e-4,
              "stages.supervised.optimizer.lr": 0.004, "stages.self_train.epochs": 5}
-    load_search_space(write_space(tmp_path, QUICK_SPACE, searcher={"points_to_evaluate": [point]}))
+    space = load_search_space(write_space(tmp_path, QUICK_SPACE, searcher={"points_to_evaluate": [point]}))
+    assert space.config.searcher.points_to_evaluate == [point]
 
 
 def test_a_point_in_a_conditional_group_is_checked_in_its_branch(tmp_path):
