@@ -115,14 +115,24 @@ def test_sigterm_ends_the_search_killed_and_resume_finishes_it(tmp_path, small_s
 
 
 def test_sigkill_right_after_an_asha_stop_resumes_consistently(tmp_path, small_synthetic):
-    space, env = tiny_search(tmp_path, small_synthetic, "kill", samples=4)
-    first = start(space, env)
-    # At once: Optuna has the PRUNED trial, Tune's snapshot (every >= 10 s) not yet.
-    output = signal_when(first, "▶ trial", signal.SIGKILL, has="stopped after stage")
+    # The scenario needs an ASHA stop to kill after. Once in several CI runs a trial's actor was
+    # cancelled by Ray before it ran ("The actor never ran"), so the search ended without one and
+    # the kill never happened: that first attempt is then started again in a fresh folder (not
+    # investigated further yet; see the closing note of session 4). Every assertion below holds
+    # for the attempt that was killed.
+    for attempt in range(2):
+        folder = tmp_path / f"attempt{attempt}"
+        folder.mkdir()
+        space, env = tiny_search(folder, small_synthetic, "kill", samples=4)
+        first = start(space, env)
+        # At once: Optuna has the PRUNED trial, Tune's snapshot (every >= 10 s) not yet.
+        output = signal_when(first, "▶ trial", signal.SIGKILL, has="stopped after stage")
+        if first.returncode == -signal.SIGKILL or "The actor never ran" not in output:
+            break
     assert first.returncode == -signal.SIGKILL, output[-3000:]  # (no ASHA stop at all would end it with 0)
     finish(space, env)
     finish(space, env)  # a second resume of a finished search changes nothing
-    assert_each_trial_once(tmp_path, env, "kill", samples=4)
+    assert_each_trial_once(folder, env, "kill", samples=4)
 
 
 def test_sigterm_ends_a_run_on_ray_workers_killed(tmp_path, small_synthetic):
