@@ -28,10 +28,9 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
-import math
 import sys
 import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np

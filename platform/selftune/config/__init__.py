@@ -40,6 +40,7 @@ from selftune.config.schema import (
 __all__ = [
     "ARTIFACT_FOLDERS", "AUX_MODEL", "MODEL", "PREVIOUS", "PSEUDO_LABELS", "SNAPSHOTS", "Reference", "StageKind",
     "register_stage", "registered_kinds", "stage_kind", "DataConfig", "ModelConfig", "OptimizerConfig", "PipelineConfig", "PseudoLabelStage",
+    "PseudoLabelledTraining", "ClassWeighting",
     "ResourcesConfig", "SelfTrainStage", "StageConfig", "SupervisedStage", "TrainingStageConfig",
     "flatten", "get_dotted", "load_pipeline", "parse_override", "pipeline_to_dict", "read_yaml",
     "set_dotted", "validate_pipeline",

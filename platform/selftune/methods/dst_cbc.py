@@ -527,7 +527,6 @@ def _bucket_of_kth_largest(hist: torch.Tensor, k: torch.Tensor) -> tuple[torch.T
     hist: (C, R) counts; k: (C,) 1-based rank from the top (0 for an empty class, whose bucket
     means nothing). Returns (bucket (C,), k minus the count of elements in higher buckets (C,)).
     """
-    radix = hist.shape[1]
     at_least = hist.flip(1).cumsum(1).flip(1)  # (C, R): elements whose digit >= r
     bucket = ((at_least >= k[:, None]).sum(1) - 1).clamp(min=0)  # last r with at_least >= k
     above = torch.cat([at_least[:, 1:], torch.zeros_like(at_least[:, :1])], dim=1)  # digit > r

@@ -9,7 +9,7 @@ from typing import Any, Callable
 
 from ray.tune import Callback
 
-from selftune.errors import SelftuneError, failure_reason
+from selftune.errors import failure_reason
 from selftune.search.searcher import stopped_early
 from selftune.search.trial import OBJECTIVE, STAGE
 from selftune.tracking import attempt, client

@@ -21,7 +21,7 @@ from torch import nn
 
 from selftune.engine.loop import Hook, TrainState, unwrap
 from selftune.methods.common import ema_update
-from selftune.models import build_model, load_checkpoint
+from selftune.models import load_checkpoint
 from selftune.models.multi_head import multi_head_config
 from selftune.stages.job import StageJob
 from selftune.stages.training import ModelConfig, fresh_network
