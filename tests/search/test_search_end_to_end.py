@@ -139,6 +139,12 @@ def test_a_diverging_trial_fails_with_its_reason_and_the_search_goes_on(search):
     assert all(float(t.data.params["stages.self_train.optimizer.lr"]) == NAN_LR for t in failed)
     assert all("training diverged" in t.data.tags["selftune.error"] for t in failed)
     assert any(t.info.status == "FINISHED" for t in trials)
+    # Tune restarts failed trials (budget.trial_retries), but a trial's own error is not run again.
+    for trial in failed:
+        diverged = [run for run in runs(search["uri"], "stage") if run.data.tags.get("mlflow.parentRunId") == trial.info.run_id
+                    and run.data.tags["selftune.stage"] == "self_train"]
+        assert [run.info.status for run in diverged] == ["FAILED"]
+    assert "restarting after" not in search["first_output"] + search["output"]
 
 
 def test_summary_table_and_show(search):

@@ -135,6 +135,60 @@ def test_sigkill_right_after_an_asha_stop_resumes_consistently(tmp_path, small_s
     assert_each_trial_once(folder, env, "kill", samples=4)
 
 
+def descendants(pid: int) -> list[int]:
+    """Every process below ``pid`` (Ray's raylet is the driver's child, its workers the raylet's)."""
+    parents = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        parents[int(stat.parent.name)] = int(fields[1])
+    below, frontier = [], [pid]
+    while frontier:
+        children = [child for child, parent in parents.items() if parent in frontier]
+        below += children
+        frontier = children
+    return below
+
+
+def named(pids: list[int], title: str) -> list[int]:
+    found = []
+    for pid in pids:
+        try:
+            if Path(f"/proc/{pid}/cmdline").read_bytes().startswith(title.encode()):
+                found.append(pid)
+        except OSError:
+            continue
+    return found
+
+
+def test_a_trial_whose_actor_is_killed_is_restarted_from_its_last_stage(tmp_path, small_synthetic):
+    """What Ray does to a preempted node or an OOM-killed worker: the trial's own process dies."""
+    space, env = tiny_search(tmp_path, small_synthetic, "lost", samples=2)
+    settings = yaml.safe_load(space.read_text())
+    settings["set"]["stages.self_train.steps_per_epoch"] = 40  # long enough to be killed in
+    settings["scheduler"] = {"name": "none"}
+    space.write_text(yaml.safe_dump(settings))
+    search = start(space, env)
+    lines = []
+    for line in search.stdout:
+        lines.append(line)
+        if line.startswith("  trial ") and "stage 2/3" in line:  # labelled: its self-training stage starts
+            (victim, *_) = named(descendants(search.pid), "ray::ImplicitFunc")
+            os.kill(victim, signal.SIGKILL)
+            break
+    output = "".join(lines) + search.communicate(timeout=300)[0]
+    assert search.returncode == 0, output[-3000:]
+    assert "restarting after" in output and "Ray lost it; restart 1 of 2" in output
+    assert_each_trial_once(tmp_path, env, "lost", samples=2)
+    finished = [(run.data.tags["selftune.trial_id"], run.data.tags["selftune.stage"])
+                for run in mlflow_runs(env, "stage") if run.info.status == "FINISHED"]
+    assert sorted(finished) == sorted(set(finished)) and len(finished) == 2 * 3  # each stage of each trial once
+    assert len(study_trials(tmp_path, "lost")) == 2
+    assert {t.state for t in study_trials(tmp_path, "lost")} == {optuna.trial.TrialState.COMPLETE}
+
+
 def test_sigterm_ends_a_run_on_ray_workers_killed(tmp_path, small_synthetic):
     """``selftune run`` with a worker group starts Ray, whose start replaces the SIGTERM handler."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}"}

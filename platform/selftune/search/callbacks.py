@@ -11,7 +11,7 @@ from ray.tune import Callback
 
 from selftune.errors import failure_reason
 from selftune.search.searcher import stopped_early
-from selftune.search.trial import OBJECTIVE, STAGE
+from selftune.search.trial import OBJECTIVE, STAGE, own_error_file
 from selftune.tracking import attempt, client
 
 StageNames = Callable[[dict[str, Any]], list[str]]  # a trial's config -> its pipeline's stage names
@@ -94,6 +94,14 @@ class TrialRunCloser(Callback):
         if mlflow.get_run(run_id).info.status == "RUNNING":
             mlflow.set_terminated(run_id, "FINISHED")
 
+    def on_trial_recover(self, iteration, trials, trial, **info) -> None:
+        """Tune restarts the trial: the stage its lost process was running stays RUNNING otherwise."""
+        run_id = (trial.last_result or {}).get("trial_run_id") or _run_of_trial(self.tracking_uri, trial.trial_id)
+        if run_id:
+            reason = f"{trial_failure(trial, self.stage_names)}; the trial was restarted"
+            attempt(lambda: _close_children(client(self.tracking_uri), run_id, "KILLED", reason), self.tracking_uri,
+                    "end", f"end trial {trial.trial_id}'s lost stage run", run=run_id)
+
     def on_trial_error(self, iteration, trials, trial, **info) -> None:
         attempt(lambda: self._error(trial), self.tracking_uri, "end", f"end trial {trial.trial_id}'s runs as FAILED",
                 run=(trial.last_result or {}).get("trial_run_id"))
@@ -116,8 +124,10 @@ class TrialRunCloser(Callback):
 class Progress(Callback):
     """Tune callback: one line per finished stage and trial, with the best objective so far."""
 
-    def __init__(self, total: int, mode: str, say: Callable[[str], None], stage_names: StageNames | None = None):
+    def __init__(self, total: int, mode: str, say: Callable[[str], None], stage_names: StageNames | None = None,
+                 own_errors_dir: str = ""):
         self.total, self.mode, self.say, self.stage_names = total, mode, say, stage_names
+        self.own_errors_dir = own_errors_dir
         self.best: float | None = None
         self.done = 0
         self._ended_ids: set[str] | None = None  # trials that ended (finished, stopped or failed), all sessions
@@ -148,6 +158,13 @@ class Progress(Callback):
 
     def on_trial_error(self, iteration, trials, trial, **info) -> None:
         self._finished(trials, trial, f"FAILED ({trial_failure(trial, self.stage_names)})")
+
+    def on_trial_recover(self, iteration, trials, trial, **info) -> None:
+        if self.own_errors_dir and own_error_file(self.own_errors_dir, trial.trial_id).is_file():
+            return  # its own error: the restart fails at once, and its FAILED line follows
+        failures = trial.run_metadata.num_failures
+        self.say(f"  trial {trial.trial_id}: restarting after {trial_failure(trial, self.stage_names)} "
+                 f"(Ray lost it; restart {failures} of {trial.max_failures})")
 
     def _finished(self, trials, trial, how: str) -> None:
         self.done += 1

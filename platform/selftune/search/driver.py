@@ -34,13 +34,14 @@ from selftune.search.summary import (
 from selftune.search.dashboard import dashboard_line
 from selftune.search.callbacks import Progress, TrialRunCloser, close_open_runs
 from selftune.search.searcher import StageAwareOptunaSearch
-from selftune.search.trial import OBJECTIVE, STAGE, TRIAL_ACTOR_CPUS, TrialContext, run_trial
+from selftune.search.trial import OBJECTIVE, OWN_ERRORS, STAGE, TRIAL_ACTOR_CPUS, TrialContext, run_trial
 from selftune.tracking import (
     NOT_LOGGED, RunTracker, absorb_not_logged, attempt, client, create_run, describe_not_logged, ensure_experiment,
     finish_run, not_logged, offline, require_reachable, take_not_logged, write_not_logged,
 )
 
 STATE = "search.json"  # in the search folder: what --resume needs
+TUNE_SNAPSHOT_PERIOD_S = 1  # how often Tune saves its experiment state (see _fit)
 
 
 @dataclass
@@ -188,13 +189,18 @@ def _fit(space: SearchSpace, folder: Path, state: dict[str, Any], tracking_uri: 
     # A failed trial is one line in the progress and in MLflow; its traceback stays in its error file.
     os.environ.setdefault("TUNE_PRINT_ALL_TRIAL_ERRORS", "0")
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")  # the new output prints a failed trial's result table whatever `verbose` says
+    # Tune snapshots its trials ("auto": every >= 10 s), Optuna writes at once. A trial asked for
+    # and ended between two snapshots was lost from Tune by a SIGKILL there (seen in 2 of 3 local
+    # runs of the SIGKILL test). A trial's first stage takes longer than a second, so with a
+    # 1-second period every trial is in a snapshot before it can end; saving ~10 trials is cheap.
+    os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", str(TUNE_SNAPSHOT_PERIOD_S))
     logging.getLogger("ray.tune.tune").addFilter(_drop_incomplete_trials_line)
     context = TrialContext(space=space, tracking_uri=tracking_uri, experiment_id=state["experiment_id"],
                            search_run_id=state["search_run_id"], cache_root=str(folder / "stage-cache"),
-                           not_logged_dir=str(folder / "not_logged"))
+                           not_logged_dir=str(folder / "not_logged"), own_errors_dir=str(folder / OWN_ERRORS))
     trainable = ray.tune.with_resources(ray.tune.with_parameters(run_trial, context=context), {"cpu": TRIAL_ACTOR_CPUS})
     stage_names = functools.partial(_stage_names, space)
-    progress_callback = Progress(space.config.budget.num_samples, space.config.objective.mode, progress, stage_names)
+    progress_callback = Progress(space.config.budget.num_samples, space.config.objective.mode, progress, stage_names, context.own_errors_dir)
     callbacks = [TrialRunCloser(tracking_uri, stage_names), progress_callback]
     tune_path = folder / "tune"
     if resume and not ray.tune.Tuner.can_restore(str(tune_path)):
@@ -218,7 +224,7 @@ def _fit(space: SearchSpace, folder: Path, state: dict[str, Any], tracking_uri: 
             ),
             run_config=ray.tune.RunConfig(
                 name="tune", storage_path=str(folder), verbose=0, callbacks=callbacks,
-                failure_config=ray.tune.FailureConfig(max_failures=0, fail_fast=False),
+                failure_config=ray.tune.FailureConfig(max_failures=space.config.budget.trial_retries, fail_fast=False),
             ),
         )
     results = tuner.fit()

@@ -123,6 +123,9 @@ class BudgetConfig(_Strict):
     num_samples: int = Field(8, ge=1)
     max_concurrent: int | None = Field(None, ge=1)  # None: as many as the cluster's CPUs/GPUs allow
     time_limit_s: float | None = Field(None, gt=0)
+    # Restarts of a trial that Ray lost (its actor or a stage's worker killed, its node gone); it goes
+    # on from its last finished stage. A trial's own error (e.g. diverged training) is not retried.
+    trial_retries: int = Field(2, ge=0)
 
 
 class SearchSpaceConfig(_Strict):

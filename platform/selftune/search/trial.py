@@ -26,6 +26,7 @@ from typing import Any
 import yaml
 
 from selftune.config import PipelineConfig, ResourcesConfig, pipeline_to_dict
+from selftune.errors import SelftuneError, failure_reason
 from selftune.runner import StageCache, StageResult, Tracking, in_process, run_stages, terminates
 from selftune.search.space import SearchSpace
 from selftune.stages import StageJob
@@ -35,6 +36,7 @@ KIND_TRIAL = "trial"
 OBJECTIVE = "objective"  # the Tune / Optuna metric name
 STAGE = "stage"  # ASHA's time attribute: stages completed
 TRIAL_ACTOR_CPUS = 0.01  # what a trial's own actor reserves (Tune refuses 0); it only waits on its stages
+OWN_ERRORS = "trial_errors"  # in the search folder: <trial id>.txt, why a trial failed when not by Ray's doing
 
 
 @dataclass(frozen=True)
@@ -47,6 +49,7 @@ class TrialContext:
     search_run_id: str
     cache_root: str
     not_logged_dir: str = ""  # each trial writes what it could not log to <dir>/<trial id>.json
+    own_errors_dir: str = ""  # see own_error_file
 
 
 def objective_value(metric: str, stage: StageResult, latest_select: float | None) -> float | None:
@@ -67,12 +70,39 @@ def run_trial(config: dict[str, Any], context: TrialContext) -> None:
     trial_id = ray.tune.get_context().get_trial_id()
     pipeline = space.pipeline_for(config)
     done = _stages_done(ray.tune.get_checkpoint())
+    own_error = own_error_file(context.own_errors_dir, trial_id)
+    if own_error.is_file():  # Tune restarts every failed trial; this one would only fail again
+        raise TrialFailed(own_error.read_text())
     mark = len(not_logged())
     try:
         _run_stages(config, context, trial_id, pipeline, done)
+    except Exception as error:
+        if not lost_by_ray(error):
+            own_error.parent.mkdir(parents=True, exist_ok=True)
+            own_error.write_text(failure_reason(error))
+        raise
     finally:  # hand over to the search driver what this trial (and its stages' workers) could not log
         if context.not_logged_dir and len(not_logged()) > mark:
             write_not_logged(Path(context.not_logged_dir) / f"{trial_id}.json", take_not_logged(mark))
+
+
+class TrialFailed(SelftuneError):
+    """A restarted trial whose previous attempt failed by an error of its own (the message is that error's)."""
+
+
+def own_error_file(folder: str, trial_id: str) -> Path:
+    """Where a trial records an error of its own, so that Tune's restart of it fails at once. In the
+    search folder: a Tune trial's folder is a per-session staging copy that a resume does not see."""
+    return Path(folder) / f"{trial_id}.txt"
+
+
+def lost_by_ray(error: BaseException) -> bool:
+    """Ray lost a process (a killed worker or actor, a lost node) or an object: a restart may
+    succeed. An error that the trial's or a stage's own code raised (Ray wraps those in
+    ``RayTaskError``) would only happen again."""
+    from ray.exceptions import RayError, RayTaskError
+
+    return isinstance(error, RayError) and not isinstance(error, RayTaskError)
 
 
 def _run_stages(config: dict[str, Any], context: TrialContext, trial_id: str, pipeline: PipelineConfig, done: int) -> None:
