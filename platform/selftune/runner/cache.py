@@ -47,6 +47,14 @@ def stage_key(pipeline: PipelineConfig, index: int, upstream_keys: dict[str, str
     return hashlib.sha256(text.encode()).hexdigest()[:KEY_LENGTH]
 
 
+def stage_keys(pipeline: PipelineConfig) -> list[str]:
+    """Every stage's key, in order, as the runner computes them (each on its upstream's keys)."""
+    keys: dict[str, str] = {}
+    for index, stage in enumerate(pipeline.stages):
+        keys[stage.name] = stage_key(pipeline, index, {role: keys[name] for role, name in stage.upstream().items()})
+    return list(keys.values())
+
+
 @dataclass(frozen=True)
 class CacheEntry:
     folder: Path

@@ -149,6 +149,9 @@ class Progress(Callback):
 
     def on_trial_result(self, iteration, trials, trial, result, **info) -> None:
         value = result.get(OBJECTIVE)
+        if "exploited_from" in result:  # PBT restored this trial from a stronger one's stages
+            self.say(f"  trial {trial.trial_id}: exploit after round {result.get('exploit_round')}: "
+                     f"continues from trial {result['exploited_from']}'s stages ({result.get('exploit_changes')})")
         hit = " (stage cache hit)" if result.get("cache_hit") else ""
         shown = "-" if value is None else f"{value:.4f}"
         self.say(f"  trial {trial.trial_id}: stage {result.get(STAGE)}/{result.get('stages_total')} objective {shown}{hit}")

@@ -27,6 +27,7 @@ import yaml
 from selftune.config import flatten
 from selftune.errors import ConfigError
 from selftune.interrupts import sigterm_as_interrupt
+from selftune.search import pbt
 from selftune.search.space import SearchSpace
 from selftune.search.summary import (
     KIND_SEARCH, TrialRow, best_line, best_row, find_search_run, format_rows, merge_rows, plot_search, reported_rows, trial_rows, write_csv,
@@ -42,6 +43,8 @@ from selftune.tracking import (
 
 STATE = "search.json"  # in the search folder: what --resume needs
 TUNE_SNAPSHOT_PERIOD_S = 1  # how often Tune saves its experiment state (see _fit)
+PBT_RECORDS = "pbt"  # in the search folder: <trial id>.json of each PBT trial (selftune.search.pbt)
+BEST_SCHEDULE = "best_schedule.yaml"
 
 
 @dataclass
@@ -136,7 +139,7 @@ def _say(items: list[dict[str, Any]], folder: Path, tracking_uri: str, progress)
 
 
 def expected_trials(space: SearchSpace) -> int:
-    budget = space.config.budget.num_samples
+    budget = space.trial_budget
     if space.config.searcher.name == "grid":
         sizes = [len(values) for values in space.grid().values()]
         return min(budget, math.prod(sizes))
@@ -197,10 +200,11 @@ def _fit(space: SearchSpace, folder: Path, state: dict[str, Any], tracking_uri: 
     logging.getLogger("ray.tune.tune").addFilter(_drop_incomplete_trials_line)
     context = TrialContext(space=space, tracking_uri=tracking_uri, experiment_id=state["experiment_id"],
                            search_run_id=state["search_run_id"], cache_root=str(folder / "stage-cache"),
-                           not_logged_dir=str(folder / "not_logged"), own_errors_dir=str(folder / OWN_ERRORS))
+                           not_logged_dir=str(folder / "not_logged"), own_errors_dir=str(folder / OWN_ERRORS),
+                           pbt_dir=str(folder / PBT_RECORDS))
     trainable = ray.tune.with_resources(ray.tune.with_parameters(run_trial, context=context), {"cpu": TRIAL_ACTOR_CPUS})
     stage_names = functools.partial(_stage_names, space)
-    progress_callback = Progress(space.config.budget.num_samples, space.config.objective.mode, progress, stage_names, context.own_errors_dir)
+    progress_callback = Progress(space.trial_budget, space.config.objective.mode, progress, stage_names, context.own_errors_dir)
     callbacks = [TrialRunCloser(tracking_uri, stage_names), progress_callback]
     tune_path = folder / "tune"
     if resume and not ray.tune.Tuner.can_restore(str(tune_path)):
@@ -213,11 +217,13 @@ def _fit(space: SearchSpace, folder: Path, state: dict[str, Any], tracking_uri: 
     else:
         tuner = ray.tune.Tuner(
             trainable,
+            # PBT's population are points over these keys (Tune resolves points against the space)
+            param_space={name: None for name in space.param_names()} if pbt.is_population_search(space) else None,
             tune_config=ray.tune.TuneConfig(
                 metric=OBJECTIVE, mode=space.config.objective.mode,
                 search_alg=make_searcher(space, folder), scheduler=make_scheduler(space),
-                num_samples=space.config.budget.num_samples,
-                max_concurrent_trials=max_concurrent(space),
+                num_samples=space.trial_budget,
+                max_concurrent_trials=None if pbt.is_population_search(space) else max_concurrent(space),  # PBT: its generator's
                 time_budget_s=space.config.budget.time_limit_s,
                 # reuse_actors stays off (Tune's default): with it, a CI run lost a trial whose
                 # actor was torn down as another trial ended (ray-project/ray#42951 on its races).
@@ -252,8 +258,16 @@ def _forget_study(folder: Path, study_name: str) -> None:
 
 def make_searcher(space: SearchSpace, folder: Path):
     """Optuna through Tune's ``OptunaSearch``, define-by-run (conditional groups), with the study
-    in ``<folder>/optuna.db`` so it survives the driver."""
+    in ``<folder>/optuna.db`` so it survives the driver. PBT takes no searcher (Tune refuses one):
+    its initial population, drawn by Optuna, is the list of points Tune starts."""
     import optuna
+
+    if pbt.is_population_search(space):
+        from ray.tune.search.basic_variant import BasicVariantGenerator
+
+        # Every member live at once (no max_concurrent): synchronous PBT waits for all of them at
+        # each boundary. What runs at a time is still bounded by the CPUs their stage tasks take.
+        return BasicVariantGenerator(points_to_evaluate=pbt.initial_population(space))
 
     settings = space.config.searcher
     if settings.name == "tpe":
@@ -275,6 +289,8 @@ def make_scheduler(space: SearchSpace):
     settings = space.config.scheduler
     if settings.name == "none":
         return FIFOScheduler()
+    if pbt.is_population_search(space):
+        return pbt.make_population_scheduler(space)
     return ASHAScheduler(
         time_attr=STAGE, max_t=space.stage_count(), grace_period=settings.grace_period,
         reduction_factor=settings.reduction_factor,
@@ -326,12 +342,30 @@ def _log_search_results(space: SearchSpace, folder: Path, tracking_uri: str, run
         tracker.log_metrics({"best/objective": best.objective})
         (folder / "best_params.yaml").write_text(yaml.safe_dump(_typed(best.params, space), sort_keys=False))
         tracker.log_artifact(folder / "best_params.yaml")
+        if pbt.is_population_search(space):
+            _log_best_schedule(space, folder, tracker, best)
+
+
+def _log_best_schedule(space: SearchSpace, folder: Path, tracker: RunTracker, best: TrialRow) -> None:
+    """PBT: the best trial's realised values (per-round lists) as a pipeline fragment that
+    ``selftune final --from`` replays; its trial run shows the same as ``schedule/*`` metrics."""
+    record = pbt.read_trial_record(str(folder / PBT_RECORDS), best.trial_id)
+    if not record:
+        return
+    header = (f"# The best trial ({best.trial_id}) of search {space.name}: the values it ran with, round by round.\n"
+              f"# Replay it with: selftune final --from <this search>, or --params {BEST_SCHEDULE}\n")
+    (folder / BEST_SCHEDULE).write_text(header + yaml.safe_dump(record["schedule"], sort_keys=False))
+    tracker.log_artifact(folder / BEST_SCHEDULE)
+    tracker.set_tags({"selftune.best_schedule": str(folder / BEST_SCHEDULE),
+                      "selftune.best_exploits": str(len(record.get("exploits", [])))})
 
 
 def parameter_importances(folder: Path, study_name: str) -> dict[str, float]:
     """Optuna's fANOVA importances over the completed trials ({} with fewer than two)."""
     import optuna
 
+    if not (folder / "optuna.db").is_file():  # a PBT search keeps no study
+        return {}
     study = optuna.load_study(study_name=study_name, storage=f"sqlite:///{folder / 'optuna.db'}")
     complete = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
     if len(complete) < 2:
@@ -351,7 +385,12 @@ def format_outcome(outcome: SearchOutcome, tracking_uri: str) -> str:
     lines = ["", format_rows(outcome.rows)]
     if outcome.best:
         lines.append("\n" + best_line(outcome.best))
-        lines += [f"  {k} = {v}" for k, v in outcome.best.params.items()]
+        schedule = outcome.folder / BEST_SCHEDULE
+        if schedule.is_file():  # PBT: what it ran with, round by round
+            lines += [f"  {k} = {v['values'] if isinstance(v, dict) else v}" for k, v in yaml.safe_load(schedule.read_text()).items()]
+            lines.append(f"  (round by round, in {schedule})")
+        else:
+            lines += [f"  {k} = {v}" for k, v in outcome.best.params.items()]
         lines.append(f"run it as a tuned final run with: selftune final --from {outcome.run_id}")
     lines.append(f"\nfolder: {outcome.folder}\nMLflow search run {outcome.run_id}; browse with: mlflow ui --backend-store-uri {tracking_uri}")
     lines.append(dashboard_line(outcome.folder))

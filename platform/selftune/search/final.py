@@ -45,6 +45,11 @@ def best_values(tracking_uri: str, reference: str) -> tuple[dict[str, Any], str,
     if not Path(space_file).is_file():
         raise ConfigError(f"search run {run.info.run_id}: its search space {space_file!r} is no longer there; use --params")
     space = load_search_space(space_file)
+    schedule = tags.get("selftune.best_schedule")
+    if schedule:  # PBT: the values the best trial ran with, round by round (its own values changed mid-run)
+        if not Path(schedule).is_file():
+            raise ConfigError(f"search run {run.info.run_id}: its best schedule {schedule!r} is no longer there; use --params")
+        return {**space.config.set, **read_yaml(schedule)}, str(space.pipeline_path), run
     sample = {name.removeprefix("best."): yaml.safe_load(value) for name, value in run.data.params.items() if name.startswith("best.")}
     return {**space.config.set, **space.values_for(sample)}, str(space.pipeline_path), run
 

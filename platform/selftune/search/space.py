@@ -64,6 +64,7 @@ class FloatParam(_Distribution):
     high: FiniteFloat
     log: bool = False
     step: FiniteFloat | None = None
+    mutable: bool | None = None  # pbt/pb2: perturbed between rounds (default: when it is a per-round value)
 
     def distribution(self) -> FloatDistribution:
         return FloatDistribution(self.low, self.high, log=self.log, step=self.step)
@@ -75,6 +76,7 @@ class IntParam(_Distribution):
     high: int
     log: bool = False
     step: int = 1
+    mutable: bool | None = None  # pbt/pb2: perturbed between rounds (default: when it is a per-round value)
 
     def distribution(self) -> IntDistribution:
         return IntDistribution(self.low, self.high, log=self.log, step=self.step)
@@ -83,6 +85,7 @@ class IntParam(_Distribution):
 class CategoricalParam(_Distribution):
     type: Literal["categorical"]
     choices: list[Any] = Field(min_length=1)
+    mutable: bool | None = None  # pbt/pb2: perturbed between rounds (default: when it is a per-round value)
 
     def distribution(self) -> CategoricalDistribution:
         return CategoricalDistribution(self.choices)
@@ -114,9 +117,17 @@ class SearcherConfig(_Strict):
 
 
 class SchedulerConfig(_Strict):
-    name: Literal["none", "asha"] = "asha"
+    name: Literal["none", "asha", "pbt", "pb2"] = "asha"
+    # asha: stops weak trials at stage boundaries
     grace_period: int = Field(1, ge=1)  # stages a trial always runs before it can be stopped
     reduction_factor: int = Field(2, ge=2)
+    # pbt, pb2: a population over the rounds of a curriculum (selftune.search.pbt)
+    population: int = 4  # the trials (budget.num_samples does not apply)
+    perturbation_interval: int = Field(1, ge=1)  # rounds between exploit/explore steps
+    quantile_fraction: float = Field(0.25, gt=0, le=0.5)  # the bottom fraction copies the top one
+    resample_probability: float = Field(0.25, ge=0, le=1)  # pbt: redraw a value instead of perturbing it
+    burn_in: int = Field(0, ge=0)  # rounds before the first perturbation
+    seed: int = 0  # of the explore step's random draws
 
 
 class BudgetConfig(_Strict):
@@ -206,6 +217,12 @@ class SearchSpace:
         for path, value in {**self.values_for(sample), **(overrides or {})}.items():
             set_dotted(raw, path, value, self.source)
         return validate_pipeline(raw, source=f"{self.source} (pipeline {self.pipeline_path})")
+
+    @property
+    def trial_budget(self) -> int:
+        """Trials the search runs: a PBT population, else ``budget.num_samples``."""
+        scheduler = self.config.scheduler
+        return scheduler.population if scheduler.name in ("pbt", "pb2") else self.config.budget.num_samples
 
     def stage_count(self) -> int:
         return len(self.pipeline_for(self.default_sample()).stages)
@@ -371,10 +388,18 @@ def load_search_space(path: str | Path, overrides: list[str] | None = None) -> S
 def check_paths(space: SearchSpace) -> None:
     """Every parameter path must exist in the pipeline (as written, or as a schema default), and
     every bound, choice and branch must give a valid pipeline."""
+    from selftune.search import pbt
+
     base = validate_pipeline(space.raw_pipeline, source=f"{space.source} (pipeline {space.pipeline_path})")
     resolved = pipeline_to_dict(base)
     known = set(flatten(resolved))
-    for path in space.params:
+    population = pbt.is_population_search(space)
+    for path, param in space.params.items():
+        if not population and getattr(param, "mutable", None) is not None:
+            raise ConfigError(f"{space.source}: params.{path}.mutable: only scheduler.name pbt or pb2 changes values "
+                              "between rounds; remove it")
+        if population and pbt.round_value(path, space.raw_pipeline):
+            continue  # a per-round value of a group's stage: the samples below check its key
         try:
             get_dotted(space.raw_pipeline, path, str(space.pipeline_path))
             continue
@@ -391,6 +416,10 @@ def check_paths(space: SearchSpace) -> None:
             raise ConfigError(f"{space.source}: the sample {{{shown}}} gives an invalid pipeline: {error}") from None
     for i, point in enumerate(space.config.searcher.points_to_evaluate):
         check_point(space, point, f"{space.source}: searcher.points_to_evaluate.{i}")
+    if population:
+        pbt.check_population_space(space)
+        for sample in space.corner_samples():  # the explicit per-round lists the trials will run
+            space.pipeline_for(sample, overrides=pbt.realised_overrides(space, sample, {}))
 
 
 def check_point(space: SearchSpace, point: dict[str, Any], where: str) -> None:

@@ -28,6 +28,7 @@ import yaml
 from selftune.config import PipelineConfig, ResourcesConfig, pipeline_to_dict
 from selftune.errors import SelftuneError, failure_reason
 from selftune.runner import StageCache, StageResult, Tracking, in_process, run_stages, terminates
+from selftune.search import pbt
 from selftune.search.space import SearchSpace
 from selftune.stages import StageJob
 from selftune.tracking import RunTracker, attempt, client, create_run, not_logged, take_not_logged, write_not_logged
@@ -50,6 +51,7 @@ class TrialContext:
     cache_root: str
     not_logged_dir: str = ""  # each trial writes what it could not log to <dir>/<trial id>.json
     own_errors_dir: str = ""  # see own_error_file
+    pbt_dir: str = ""  # PBT: <dir>/<trial id>.json, each trial's realised values and exploits
 
 
 def objective_value(metric: str, stage: StageResult, latest_select: float | None) -> float | None:
@@ -68,14 +70,16 @@ def run_trial(config: dict[str, Any], context: TrialContext) -> None:
 
     space = context.space
     trial_id = ray.tune.get_context().get_trial_id()
-    pipeline = space.pipeline_for(config)
-    done = _stages_done(ray.tune.get_checkpoint())
+    state = read_state(ray.tune.get_checkpoint())
+    overrides = pbt.realised_overrides(space, config, state.get("realised", {})) if pbt.is_population_search(space) else {}
+    pipeline = space.pipeline_for(config, overrides=overrides)
+    done = state.get("stages_done", 0)
     own_error = own_error_file(context.own_errors_dir, trial_id)
     if own_error.is_file():  # Tune restarts every failed trial; this one would only fail again
         raise TrialFailed(own_error.read_text())
     mark = len(not_logged())
     try:
-        _run_stages(config, context, trial_id, pipeline, done)
+        _run_stages(config, context, trial_id, pipeline, TrialState(done, state, overrides))
     except Exception as error:
         if not lost_by_ray(error):
             own_error.parent.mkdir(parents=True, exist_ok=True)
@@ -105,29 +109,45 @@ def lost_by_ray(error: BaseException) -> bool:
     return isinstance(error, RayError) and not isinstance(error, RayTaskError)
 
 
-def _run_stages(config: dict[str, Any], context: TrialContext, trial_id: str, pipeline: PipelineConfig, done: int) -> None:
+@dataclass(frozen=True)
+class TrialState:
+    """Where a (re)started trial begins: stages done, the checkpoint it was restored from (its own,
+    or under PBT a donor's), and the explicit per-round schedules it runs (PBT only)."""
+
+    done: int
+    checkpoint: dict[str, Any]
+    overrides: dict[str, Any]
+
+
+def _run_stages(config: dict[str, Any], context: TrialContext, trial_id: str, pipeline: PipelineConfig, start: TrialState) -> None:
     space = context.space
     trial_run_id = _trial_run(context, trial_id, config, pipeline)
     tracker = RunTracker(context.tracking_uri, trial_run_id)
     # Without the shared cache a trial still caches for itself, so a resumed trial skips its done stages.
     cache = StageCache(context.cache_root if space.config.stage_cache else Path(context.cache_root) / trial_id)
+    population = PopulationTrial(context, trial_id, config, start, tracker) if pbt.is_population_search(space) else None
 
     def report(result: StageResult, results: list[StageResult]) -> None:
-        report_stage(result, results, pipeline, space.config.objective.metric, tracker, trial_run_id)
+        state = {"trial_id": trial_id}
+        metrics = population.after_stage(pipeline, result) if population else {}
+        if population:
+            state["realised"] = population.realised
+        report_stage(result, results, pipeline, space.config.objective.metric, tracker, trial_run_id, state=state, extra=metrics)
 
     with terminates(context.tracking_uri, trial_run_id):
         run_stages(
             pipeline, store=cache, execute=lambda job: execute_stage(job, pipeline.resources),
             tracking=Tracking(context.tracking_uri, context.experiment_id, trial_run_id, tags={"selftune.trial_id": trial_id}),
-            done=done, on_stage_end=report,
+            done=start.done, on_stage_end=report,
         )
 
 
 def report_stage(
     result: StageResult, results: list[StageResult], pipeline: PipelineConfig, objective: str,
-    tracker: RunTracker, trial_run_id: str | None,
+    tracker: RunTracker, trial_run_id: str | None, *, state: dict[str, Any] | None = None, extra: dict[str, Any] | None = None,
 ) -> None:
-    """After a stage: the trial run's metrics and the Tune report (ASHA's rung, the objective)."""
+    """After a stage: the trial run's metrics and the Tune report (ASHA's rung, the objective),
+    with a checkpoint of ``state`` (stages done, and what a restart needs besides)."""
     import ray.tune
 
     index = result.index
@@ -141,6 +161,7 @@ def report_stage(
         "trial_run_id": trial_run_id or "",
         **({"select/miou": latest_select, "val/miou": latest_val} if trained else {}),
         **{f"{result.name}/{k}": v for k, v in result.summary.items() if isinstance(v, (int, float))},
+        **(extra or {}),
     }
     tracker.log_metrics({"cache_hits": hits}, step=index)
     if value is not None and math.isfinite(value):
@@ -149,7 +170,7 @@ def report_stage(
     if index == len(pipeline.stages) - 1 and latest_val is not None:
         tracker.log_metrics({"val/miou": latest_val, "select/miou": latest_select})
     with tempfile.TemporaryDirectory() as tmp:
-        (Path(tmp) / "state.json").write_text(json.dumps({"stages_done": index + 1}))
+        (Path(tmp) / "state.json").write_text(json.dumps({**(state or {}), "stages_done": index + 1}))
         ray.tune.report(metrics, checkpoint=ray.tune.Checkpoint.from_directory(tmp))
 
 
@@ -179,11 +200,55 @@ def _run_local_stage(job: StageJob, resources: ResourcesConfig) -> None:
     in_process(resources, storage=lambda j: Path(j.output_dir) / "ray")(job)
 
 
-def _stages_done(checkpoint) -> int:
+def read_state(checkpoint) -> dict[str, Any]:
+    """The state a trial reported with its last stage (``{}`` before its first)."""
     if checkpoint is None:
-        return 0
+        return {}
     with checkpoint.as_directory() as folder:
-        return json.loads((Path(folder) / "state.json").read_text())["stages_done"]
+        return json.loads((Path(folder) / "state.json").read_text())
+
+
+class PopulationTrial:
+    """A PBT trial's bookkeeping: its realised per-round values, the exploit it was restarted by
+    (if any), and MLflow's view of both (``schedule/<name>`` per round, ``selftune.pbt.exploits``)."""
+
+    def __init__(self, context: TrialContext, trial_id: str, config: dict[str, Any], start: TrialState, tracker: RunTracker):
+        self.space, self.trial_id, self.config, self.tracker = context.space, trial_id, config, tracker
+        self.folder, self.overrides = context.pbt_dir, start.overrides
+        self.group, self.rounds = pbt.searched_group(self.space)
+        self.record = pbt.read_trial_record(self.folder, trial_id) or {"exploits": []}
+        self.realised = start.checkpoint.get("realised", {})
+        self.exploit: dict[str, Any] | None = None
+        donor = start.checkpoint.get("trial_id")
+        if donor and donor != trial_id:  # Tune restored this trial from another's checkpoint
+            rounds = len(next(iter(self.realised.values()), []))
+            changes = pbt.changed_values(self.record.get("config", {}), config, pbt.mutable_values(self.space))
+            self.exploit = {"round": rounds, "donor": donor, "changes": changes}
+            self.record["exploits"].append(self.exploit)
+            tracker.set_tags({"selftune.pbt.exploits": "; ".join(
+                f"round {e['round']}: from trial {e['donor']} ({e['changes']})" for e in self.record["exploits"])})
+        self._save()
+
+    def after_stage(self, pipeline: PipelineConfig, result: StageResult) -> dict[str, Any]:
+        """The Tune metrics PBT needs (``round``); logs each finished round's values."""
+        done = pbt.rounds_done(pipeline, result.index, self.group)
+        finished_round = done > len(next(iter(self.realised.values()), []))
+        self.realised = pbt.realised_after(self.overrides, self.space, done)
+        if finished_round:
+            self.tracker.log_metrics({f"schedule/{path}": values[-1] for path, values in self.realised.items()}, step=done)
+        self._save()
+        # No round once the last has run: PBT would exploit there, and a clone would only copy its donor.
+        metrics: dict[str, Any] = {pbt.ROUND: done} if done < self.rounds else {}
+        if self.exploit:  # the first report after an exploit: the driver prints it
+            metrics.update(exploited_from=self.exploit["donor"], exploit_changes=self.exploit["changes"],
+                           exploit_round=self.exploit["round"])
+            self.exploit = None
+        return metrics
+
+    def _save(self) -> None:
+        self.record.update(config=self.config, realised=self.realised,
+                           schedule=pbt.schedule_fragment(self.space, self.config, self.realised))
+        pbt.write_trial_record(self.folder, self.trial_id, self.record)
 
 
 def _trial_run(context: TrialContext, trial_id: str, config: dict[str, Any], pipeline: PipelineConfig) -> str | None:
