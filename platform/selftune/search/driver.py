@@ -358,6 +358,8 @@ def _log_best_schedule(space: SearchSpace, folder: Path, tracker: RunTracker, be
     tracker.log_artifact(folder / BEST_SCHEDULE)
     tracker.set_tags({"selftune.best_schedule": str(folder / BEST_SCHEDULE),
                       "selftune.best_exploits": str(len(record.get("exploits", [])))})
+    records = {path.stem: json.loads(path.read_text()) for path in sorted((folder / PBT_RECORDS).glob("*.json"))}
+    tracker.log_artifact(pbt.plot_population(records, best.trial_id, space, folder / "population.png"))
 
 
 def parameter_importances(folder: Path, study_name: str) -> dict[str, float]:

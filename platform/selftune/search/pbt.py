@@ -104,6 +104,12 @@ def check_population_space(space) -> None:
     if not mutable:
         raise ConfigError(f"{space.source}: params: {settings.name} needs at least one value of a stage inside a "
                           "rounds group to perturb between rounds (e.g. stages.dst.stages.train.gamma)")
+    for path in mutable:
+        param = space.params[path]
+        choices = getattr(param, "choices", None)
+        if choices is not None and not all(isinstance(c, (int, float)) and not isinstance(c, bool) for c in choices):
+            raise ConfigError(f"{space.source}: params.{path}: a value that changes per round runs as a list of numbers, "
+                              f"and {choices!r} are not all numbers; mark it mutable: false")
     groups = sorted({value.group for value in mutable.values()})
     if len(groups) > 1:
         raise ConfigError(f"{space.source}: params: {settings.name} perturbs the rounds of one group; these values "
@@ -238,6 +244,56 @@ def schedule_fragment(space, config: dict[str, Any], realised: dict[str, list[An
     and the trial's sampled ones, each mutable value as its explicit per-round list."""
     fixed = {path: value for path, value in space.values_for(config).items() if path not in mutable_values(space)}
     return {**fixed, **realised_overrides(space, config, realised)}
+
+
+def round_summary(round_index: int, results, group: str) -> dict[str, Any]:
+    """What the population picture shows for one finished round of one trial."""
+    mine = [r for r in results if r.name.startswith(f"{group}-r{round_index}-")]
+    found = {"round": round_index}
+    for result in mine:
+        for key in ("select/miou", "val/miou", "pseudo_label/miou", "pseudo_label/kept_fraction"):
+            if key in result.summary:
+                found[key] = result.summary[key]
+    return found
+
+
+def plot_population(records: dict[str, dict[str, Any]], best: str | None, space, path: Path) -> Path:
+    """Left: each trial's selection mIoU per round, exploits drawn as jumps from the donor.
+    Right: the best trial's realised values per round beside its pseudo-label mIoU."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
+    for trial_id, record in sorted(records.items()):
+        own = {r["round"]: r.get("select/miou") for r in record.get("rounds", [])}
+        points = sorted((r, v) for r, v in own.items() if v is not None)
+        if points:
+            left.plot(*zip(*points), marker="o", label=trial_id, linewidth=2.5 if trial_id == best else 1)
+        for exploit in record.get("exploits", []):
+            donor_value = {r["round"]: r.get("select/miou") for r in records.get(exploit["donor"], {}).get("rounds", [])}.get(exploit["round"])
+            if donor_value is not None:
+                left.annotate("", xy=(exploit["round"] + 0.15, donor_value), xytext=(exploit["round"], own.get(exploit["round"], donor_value)),
+                              arrowprops={"arrowstyle": "->", "linestyle": "--", "color": "grey"})
+    left.set(title="population: selection mIoU per round (arrows: exploits)", xlabel="round", ylabel="select/miou")
+    left.legend(fontsize=7)
+    if best in records:
+        record = records[best]
+        for name, values in record.get("realised", {}).items():
+            right.plot(range(1, len(values) + 1), values, marker="s", label=name.rsplit(".", 1)[-1])
+        quality = [(r["round"], r["pseudo_label/miou"]) for r in record.get("rounds", []) if "pseudo_label/miou" in r]
+        if quality:
+            twin = right.twinx()
+            twin.plot(*zip(*quality), color="black", linestyle=":", marker="x", label="pseudo-label mIoU")
+            twin.set_ylabel("pseudo-label mIoU")
+            twin.legend(loc="lower right", fontsize=7)
+        right.set(title=f"best trial {best}: its schedule", xlabel="round", ylabel="value")
+        right.legend(loc="upper left", fontsize=7)
+    figure.tight_layout()
+    figure.savefig(path, dpi=100)
+    plt.close(figure)
+    return path
 
 
 def changed_values(before: dict[str, Any], after: dict[str, Any], mutable) -> str:

@@ -129,7 +129,7 @@ def _run_stages(config: dict[str, Any], context: TrialContext, trial_id: str, pi
 
     def report(result: StageResult, results: list[StageResult]) -> None:
         state = {"trial_id": trial_id}
-        metrics = population.after_stage(pipeline, result) if population else {}
+        metrics = population.after_stage(pipeline, result, results) if population else {}
         if population:
             state["realised"] = population.realised
         report_stage(result, results, pipeline, space.config.objective.metric, tracker, trial_run_id, state=state, extra=metrics)
@@ -229,13 +229,14 @@ class PopulationTrial:
                 f"round {e['round']}: from trial {e['donor']} ({e['changes']})" for e in self.record["exploits"])})
         self._save()
 
-    def after_stage(self, pipeline: PipelineConfig, result: StageResult) -> dict[str, Any]:
+    def after_stage(self, pipeline: PipelineConfig, result: StageResult, results: list[StageResult]) -> dict[str, Any]:
         """The Tune metrics PBT needs (``round``); logs each finished round's values."""
         done = pbt.rounds_done(pipeline, result.index, self.group)
         finished_round = done > len(next(iter(self.realised.values()), []))
         self.realised = pbt.realised_after(self.overrides, self.space, done)
         if finished_round:
             self.tracker.log_metrics({f"schedule/{path}": values[-1] for path, values in self.realised.items()}, step=done)
+            self.record.setdefault("rounds", []).append(pbt.round_summary(done, results, self.group))
         self._save()
         # No round once the last has run: PBT would exploit there, and a clone would only copy its donor.
         metrics: dict[str, Any] = {pbt.ROUND: done} if done < self.rounds else {}
