@@ -18,6 +18,7 @@ import logging
 import math
 import os
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -198,6 +199,9 @@ def _fit(space: SearchSpace, folder: Path, state: dict[str, Any], tracking_uri: 
     # 1-second period every trial is in a snapshot before it can end; saving ~10 trials is cheap.
     os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", str(TUNE_SNAPSHOT_PERIOD_S))
     logging.getLogger("ray.tune.tune").addFilter(_drop_incomplete_trials_line)
+    # Actor reuse is off on purpose (see the TuneConfig below); Tune's PBT hint about it is noise here.
+    warnings.filterwarnings("ignore", message="Consider boosting PBT performance")
+    logging.getLogger("ray.tune.schedulers.pbt").addFilter(_drop_no_round_line)
     context = TrialContext(space=space, tracking_uri=tracking_uri, experiment_id=state["experiment_id"],
                            search_run_id=state["search_run_id"], cache_root=str(folder / "stage-cache"),
                            not_logged_dir=str(folder / "not_logged"), own_errors_dir=str(folder / OWN_ERRORS),
@@ -235,6 +239,11 @@ def _fit(space: SearchSpace, folder: Path, state: dict[str, Any], tracking_uri: 
         )
     results = tuner.fit()
     return results, progress_callback.ended or 0  # None: stopped before its first step
+
+
+def _drop_no_round_line(record: logging.LogRecord) -> bool:
+    """PBT's warning for a result without ``round``: a trial reports none once its last round ran (on purpose)."""
+    return "Cannot find time_attr" not in record.getMessage()
 
 
 def _drop_incomplete_trials_line(record: logging.LogRecord) -> bool:

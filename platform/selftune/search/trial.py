@@ -220,8 +220,11 @@ class PopulationTrial:
         self.realised = start.checkpoint.get("realised", {})
         self.exploit: dict[str, Any] | None = None
         donor = start.checkpoint.get("trial_id")
-        if donor and donor != trial_id:  # Tune restored this trial from another's checkpoint
-            rounds = len(next(iter(self.realised.values()), []))
+        rounds = len(next(iter(self.realised.values()), []))
+        # Restored from another trial's checkpoint: an exploit, unless this is the same one again
+        # (the trial was interrupted before it reported on top of the donor's checkpoint).
+        last = (self.record["exploits"] or [{}])[-1]
+        if donor and donor != trial_id and (last.get("round"), last.get("donor")) != (rounds, donor):
             changes = pbt.changed_values(self.record.get("config", {}), config, pbt.mutable_values(self.space))
             self.exploit = {"round": rounds, "donor": donor, "changes": changes}
             self.record["exploits"].append(self.exploit)
