@@ -66,6 +66,11 @@ def test_the_rounds_run_keep_their_values_and_the_rest_take_the_current_one(tmp_
     assert pbt.realised_after(overrides, space, 2) == {ALPHA: [0.2, 0.7], GAMMA: [9.0, 3.0]}
 
 
+def test_the_round_clock_skips_the_burn_in_and_the_last_round():
+    assert [pbt.reports_round(done, burn_in=0, rounds=3) for done in range(4)] == [True, True, True, False]
+    assert [pbt.reports_round(done, burn_in=2, rounds=3) for done in range(4)] == [False, False, True, False]
+
+
 def test_a_perturbed_value_stays_inside_its_range(tmp_path):
     space = load_search_space(pbt_space(tmp_path))
     mutable = pbt.mutable_values(space)

@@ -173,17 +173,24 @@ def make_population_scheduler(space):
 
     settings, mutable = space.config.scheduler, mutable_values(space)
     random.seed(settings.seed)  # Tune's explore step draws from Python's random module
-    # metric and mode come from the TuneConfig, as for every scheduler
-    common = dict(time_attr=ROUND, perturbation_interval=settings.perturbation_interval, burn_in_period=settings.burn_in,
-                  quantile_fraction=settings.quantile_fraction, synch=True, require_attrs=False)
+    # metric and mode come from the TuneConfig, as for every scheduler. The burn-in is the trials'
+    # doing (no `round` reported before it), because PB2 has none of its own.
+    common = dict(time_attr=ROUND, perturbation_interval=settings.perturbation_interval,
+                  quantile_fraction=settings.quantile_fraction, synch=True, require_attrs=False,
+                  custom_explore_fn=lambda config: within_bounds(config, space, mutable))
     if settings.name == "pb2":
         from ray.tune.schedulers.pb2 import PB2
 
         bounds = {path: [space.params[path].low, space.params[path].high] for path in mutable}
         return PB2(hyperparam_bounds=bounds, **common)
     mutations = {path: _tune_domain(tune, space.params[path]) for path in mutable}
-    return PopulationBasedTraining(hyperparam_mutations=mutations, resample_probability=settings.resample_probability,
-                                   custom_explore_fn=lambda config: within_bounds(config, space, mutable), **common)
+    return PopulationBasedTraining(hyperparam_mutations=mutations, resample_probability=settings.resample_probability, **common)
+
+
+def reports_round(done: int, burn_in: int, rounds: int) -> bool:
+    """Whether a trial reports ``round`` (PBT's clock) after ``done`` rounds: not during the
+    burn-in, and not once the last round ran (PBT would exploit there: a clone would only copy)."""
+    return burn_in <= done < rounds
 
 
 def _tune_domain(tune, param):

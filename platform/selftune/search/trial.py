@@ -241,8 +241,8 @@ class PopulationTrial:
             self.tracker.log_metrics({f"schedule/{path}": values[-1] for path, values in self.realised.items()}, step=done)
             self.record.setdefault("rounds", []).append(pbt.round_summary(done, results, self.group))
         self._save()
-        # No round once the last has run: PBT would exploit there, and a clone would only copy its donor.
-        metrics: dict[str, Any] = {pbt.ROUND: done} if done < self.rounds else {}
+        burn_in = self.space.config.scheduler.burn_in
+        metrics: dict[str, Any] = {pbt.ROUND: done} if pbt.reports_round(done, burn_in, self.rounds) else {}
         if self.exploit:  # the first report after an exploit: the driver prints it
             metrics.update(exploited_from=self.exploit["donor"], exploit_changes=self.exploit["changes"],
                            exploit_round=self.exploit["round"])
