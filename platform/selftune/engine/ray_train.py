@@ -52,12 +52,15 @@ def run_on_ray_train(order: WorkOrder, resources: ResourcesConfig, *, name: str,
         # Deterministic name: re-running the same stage folder resumes rather than duplicates.
         run_config=ray.train.RunConfig(name=name, storage_path=str(Path(storage_path).resolve())),
     )
+    # fit() would install a SIGINT handler of its own that aborts the run and exits 1 (runs FAILED):
+    # Ctrl-C must raise KeyboardInterrupt here, as SIGTERM does, so the runs end KILLED and exit 130.
+    trainer._register_sigint_handler = lambda controller: None
     sigint = signal.getsignal(signal.SIGINT)
     try:
         trainer.fit()
     except Exception as error:
         raise unwrap_worker_error(error) from None
-    finally:  # fit() leaves a SIGINT handler of its own that aborts and exits 1: Ctrl-C must stay ours
+    finally:  # whatever handler fit() left (local mode, another Ray version): Ctrl-C must stay ours
         if threading.current_thread() is threading.main_thread():
             signal.signal(signal.SIGINT, sigint)
 
