@@ -127,7 +127,7 @@ class Snapshots(Hook):
         saved = io.BytesIO()
         torch.save(state.snapshot(), saved)
         saved.seek(0)
-        self.taken.append(torch.load(saved, weights_only=False))
+        self.taken.append(torch.load(saved, weights_only=True))
 
 
 def test_a_restart_from_an_epochs_snapshot_continues_after_it_as_if_never_stopped():

@@ -128,7 +128,7 @@ def _resume_state(checkpoint) -> dict[str, Any] | None:
         return None
     with checkpoint.as_directory() as folder:
         path = Path(folder) / STATE_FILE
-        return torch.load(path, map_location="cpu", weights_only=False) if path.is_file() else None
+        return torch.load(path, map_location="cpu", weights_only=True) if path.is_file() else None
 
 
 def _count_start(folder: Path, rank: int) -> int:
