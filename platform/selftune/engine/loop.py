@@ -180,7 +180,8 @@ class TrainingParts:
         """The state after the current epoch. It holds the live tensors: save it at once."""
         return {
             "epoch": self.state.epoch, "step": self.state.step, "metrics": dict(self.state.metrics),
-            "model": unwrap(self.network).state_dict(), "optimizer": self.optimizer.state_dict(),
+            # nn.Module's own state_dict: a network may narrow its own (a mean teacher's is the teacher's).
+            "model": nn.Module.state_dict(unwrap(self.network)), "optimizer": self.optimizer.state_dict(),
             "lr_schedule": self.lr_schedule.state_dict(),
             "scaler": self.scaler.state_dict() if self.scaler is not None else None,
             "hooks": [hook.state_dict() for hook in self.hooks],
@@ -188,7 +189,7 @@ class TrainingParts:
 
     def restore(self, saved: dict[str, Any]) -> int:
         """Load ``saved`` (a snapshot); the epoch it was taken after."""
-        unwrap(self.network).load_state_dict(saved["model"])
+        nn.Module.load_state_dict(unwrap(self.network), saved["model"])
         self.optimizer.load_state_dict(saved["optimizer"])
         self.lr_schedule.load_state_dict(saved["lr_schedule"])
         if self.scaler is not None and saved["scaler"] is not None:
