@@ -97,6 +97,19 @@ def test_out_of_range_value(tmp_path, capsys, tracking_uri):
     assert "stages.pseudo_label.threshold" in line and "1.5" in line
 
 
+def test_a_round_schedule_out_of_range_names_the_key_the_user_wrote(tmp_path, capsys, tracking_uri):
+    dst_cbc = str(REPO / "pipelines" / "dst_cbc.yaml")
+    code, err = run_cli(["run", dst_cbc, "--set", "stages.dst.schedules.label.alpha.end=1.5",
+                         "--out", str(tmp_path / "out"), "--tracking-uri", tracking_uri], capsys)
+    assert code == 2
+    (line,) = error_lines(err)
+    assert line.startswith("selftune: error: ") and line.endswith(
+        "dst_cbc.yaml: stages.dst.schedules.label.alpha.end: Input should be less than or equal to 1, "
+        "got 1.5 (round 4 of 5 would get 1.175)")
+    assert "Traceback" not in err
+    assert assert_no_run_left_running(tracking_uri) == []  # refused before any run was created
+
+
 def test_bad_mask_value_fails_the_runs_and_names_the_file(tmp_path, capsys, tracking_uri):
     root = write_folder_dataset(tmp_path / "data", bad_mask_id="img0")
     code, err = run_cli(["run", QUICKSTART, *TINY, "--set", "data.dataset=folder", "--set", f"data.root={root}",

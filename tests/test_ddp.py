@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import json
+import os
+import re
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -46,3 +50,50 @@ def test_quickstart_with_two_gloo_workers(tmp_path, tracking_uri, small_syntheti
         assert losses[-1] < losses[0]
         assert 0.3 < stages[name].data.metrics["val/miou"] <= 1.0
 
+
+
+def _descendant(root_pid: int, pid: int) -> bool:
+    import ray  # noqa: F401  (makes the psutil Ray ships importable)
+    import psutil
+
+    return pid in {child.pid for child in psutil.Process(root_pid).children(recursive=True)}
+
+
+@pytest.mark.slow
+def test_a_killed_gloo_worker_resumes_the_stage_from_its_last_epoch(tmp_path, tracking_uri, small_synthetic):
+    import yaml
+    from mlflow import MlflowClient
+
+    spec = yaml.safe_load(Path(QUICKSTART).read_text())
+    spec["stages"] = spec["stages"][:1]  # the supervised stage alone
+    pipeline = tmp_path / "one_stage.yaml"
+    pipeline.write_text(yaml.safe_dump(spec))
+    sets = {"stages.supervised.epochs": 4, "stages.supervised.steps_per_epoch": 8, "data.crop_size": 32,
+            "data.root": small_synthetic, "resources.workers": 2, "resources.cpus_per_worker": 0.5}
+    out = tmp_path / "out"
+    run = subprocess.Popen(
+        [sys.executable, "-m", "selftune", "run", str(pipeline), "--out", str(out), "--tracking-uri", tracking_uri,
+         *[arg for key, value in sets.items() for arg in ("--set", f"{key}={value}")]],
+        text=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+    )
+    lines, rank_1, killed = [], None, None
+    for line in run.stdout:
+        lines.append(line)
+        found = re.search(r"pid=(\d+)\) world_rank=1\b", line)
+        rank_1 = int(found.group(1)) if found else rank_1
+        if killed is None and rank_1 and "[supervised] epoch 1/4" in line:  # epoch 1 reported with its checkpoint
+            assert _descendant(run.pid, rank_1)  # one of this run's workers, nobody else's
+            os.kill(rank_1, signal.SIGKILL)
+            killed = rank_1
+    output = "".join(lines) + run.communicate(timeout=300)[0]
+    assert killed and run.returncode == 0, output[-4000:]
+
+    summary = json.loads((out / "0-supervised" / "summary.json").read_text())
+    assert summary["restarts"] >= 1 and summary["resumed_from_epoch"] >= 1, summary
+    (stage,) = MlflowClient(tracking_uri).search_runs(
+        [MlflowClient(tracking_uri).get_experiment_by_name(spec["name"]).experiment_id],
+        filter_string="tags.`selftune.kind` = 'stage'")
+    assert stage.info.status == "FINISHED"
+    for metric in ("train/loss", "val/pixel_accuracy"):  # logged once per epoch, by the epoch's hook only
+        steps = [m.step for m in MlflowClient(tracking_uri).get_metric_history(stage.info.run_id, metric)]
+        assert sorted(steps) == [1, 2, 3, 4], (metric, steps)

@@ -64,6 +64,9 @@ def test_parse_override_reads_values_as_yaml():
         ("stages.st.init_from=label", r"demo.yaml: stages.st.init_from: 'label' is not an earlier stage .*valid: sup"),
         ("stages.label.model_from=st", r"demo.yaml: stages.label.model_from: 'st' comes later in the pipeline"),
         ("stages.st.optimizer.lr=-1", r"demo.yaml: stages.st.optimizer.lr: .*greater than 0, got -1"),
+        ("resources.max_failures=-1", r"demo.yaml: resources.max_failures: .*greater than or equal to 0, got -1"),
+        ("resources.max_failures=1.5", r"demo.yaml: resources.max_failures: Input should be a valid integer, got 1.5"),
+        ("resources.max_failures=true", r"demo.yaml: resources.max_failures: Input should be a valid integer, got True"),
     ],
 )
 def test_bad_values_name_the_file_and_the_dotted_key(override, message):
@@ -111,3 +114,8 @@ def test_flatten_uses_stage_names():
     assert flat["stages.sup.epochs"] == 3
     assert flat["stages.st.optimizer.lr"] == 1e-3
     assert flat["resources.workers"] == 0
+
+
+def test_a_worker_group_is_restarted_twice_unless_told_otherwise():
+    assert validate_pipeline(RAW, source="demo.yaml").resources.max_failures == 2
+    assert validate_pipeline(RAW, source="demo.yaml", overrides=["resources.max_failures=0"]).resources.max_failures == 0

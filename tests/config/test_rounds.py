@@ -71,10 +71,29 @@ def test_bad_groups_name_the_key(change, message):
         validate_pipeline(dst_like(**change), source="d.yaml")
 
 
-def test_scheduled_value_is_still_validated_by_the_stage_schema():
+@pytest.mark.parametrize(
+    ("schedule", "message"),
+    [
+        ({"shape": "linear", "start": 0.5, "end": 1.5},
+         "^d.yaml: stages.dst.schedules.label.threshold.end: Input should be less than or equal to 1, got 1.5 [(]round 3 of 3 would get 1.5[)]$"),
+        ({"shape": "cosine", "start": -0.5, "end": 0.9}, "stages.dst.schedules.label.threshold.start: .*greater than or equal to 0, got -0.5 [(]round 1 of 3"),
+        ({"shape": "step", "start": 0.5, "milestones": [2], "factor": 3}, "stages.dst.schedules.label.threshold.factor: .*got 3 [(]round 3 of 3 would get 1.5[)]"),
+        ({"shape": "list", "values": [0.5, 2, 0.7]}, r"stages.dst.schedules.label.threshold.values\[1\]: .*got 2 [(]round 2 of 3"),
+        ({"shape": "constant", "value": 7}, "stages.dst.schedules.label.threshold.value: .*got 7 [(]round 1 of 3"),
+    ],
+)
+def test_a_scheduled_value_out_of_range_names_the_schedule_key_the_user_wrote(schedule, message):
     raw = dst_like()
-    raw["stages"][1]["schedules"] = {"label": {"threshold": {"shape": "linear", "start": 0.5, "end": 1.5}}}
-    with pytest.raises(ConfigError, match=r"stages.dst-r3-label.threshold: .*less than or equal to 1"):
+    raw["stages"][1]["schedules"] = {"label": {"threshold": schedule}}
+    with pytest.raises(ConfigError, match=message) as caught:
+        validate_pipeline(raw, source="d.yaml")
+    assert "dst-r" not in str(caught.value)  # not the expanded stage's name
+
+
+def test_a_scheduled_value_the_schema_refuses_otherwise_names_the_schedule_and_round():
+    raw = dst_like()  # epochs 1 -> 2 over 3 rounds: round 2 would train 1.5 epochs
+    raw["stages"][1]["schedules"] = {"train": {"epochs": {"shape": "linear", "start": 1, "end": 2}}}
+    with pytest.raises(ConfigError, match=r"^d.yaml: stages.dst.schedules.train.epochs: round 2 of 3 would get 1.5: Input should be a valid integer"):
         validate_pipeline(raw, source="d.yaml")
 
 
@@ -82,3 +101,16 @@ def test_stage_names_cannot_contain_dots_because_dotted_keys_address_them():
     raw = {"name": "x", "stages": [{"name": "a.b", "kind": "supervised"}]}
     with pytest.raises(ConfigError, match=r"stages.a.b.name"):
         validate_pipeline(raw, source="x.yaml")
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("stages.dst.stages.train.epochs=0", r"^d.yaml: stages\.dst\.stages\.train\.epochs: .*greater than or equal to 1, got 0$"),
+        ("stages.dst.stages.train.epohcs=2", r"^d.yaml: stages\.dst\.stages\.train\.epohcs: unknown key"),
+        ("stages.dst.stages.train.init_from=nope", r"^d.yaml: stages\.dst\.stages\.train\.init_from: 'nope' is not a stage"),
+    ],
+)
+def test_an_inner_stage_error_names_the_key_under_the_group(override, message):
+    with pytest.raises(ConfigError, match=message):
+        validate_pipeline(dst_like(), source="d.yaml", overrides=[override])

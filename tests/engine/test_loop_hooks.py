@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import itertools
 
 import pytest
@@ -98,3 +99,50 @@ def test_head_lr_mult_gives_the_head_its_own_group_at_that_multiple():
     (head_group,) = [g for g in grouped.param_groups if g["lr"] == pytest.approx(0.1)]
     assert {id(p) for p in head_group["params"]} == head
     assert sum(len(g["params"]) for g in grouped.param_groups) == len(list(model.parameters()))
+
+
+class Counter(Hook):
+    """A hook with state of its own: how many epochs it has seen."""
+
+    def __init__(self):
+        self.epochs_seen = 0
+
+    def after_epoch(self, state, model):
+        self.epochs_seen += 1
+
+    def state_dict(self):
+        return {"epochs_seen": self.epochs_seen}
+
+    def load_state_dict(self, state):
+        self.epochs_seen = state["epochs_seen"]
+
+
+class Snapshots(Hook):
+    """What ``ReportEpoch`` hands Ray Train on a worker group: the state after each epoch."""
+
+    def __init__(self):
+        self.taken = []
+
+    def after_epoch(self, state, model):  # saved as Ray Train's checkpoint is: the snapshot holds live tensors
+        saved = io.BytesIO()
+        torch.save(state.snapshot(), saved)
+        saved.seek(0)
+        self.taken.append(torch.load(saved, weights_only=True))
+
+
+def test_a_restart_from_an_epochs_snapshot_continues_after_it_as_if_never_stopped():
+    def train(epochs, resume_state=None):
+        torch.manual_seed(0)
+        model, counter, snapshots, seen = nn.Linear(2, 1), Counter(), Snapshots(), []
+        ctx = WorkerContext.local("cpu")
+        ctx.resume_state = resume_state
+        state = fit(model, _batches(), epochs=epochs, steps_per_epoch=2, compute_losses=_loss(seen),
+                    optimizer=OptimizerConfig(lr=0.05, schedule="poly"), ctx=ctx, hooks=[counter, snapshots])
+        return model, state, counter, snapshots, seen
+
+    whole, whole_state, _, snapshots, _ = train(3)
+    resumed, state, counter, _, seen = train(3, resume_state=snapshots.taken[0])  # restarted after epoch 1
+    assert seen == [(2, 2), (2, 3), (3, 4), (3, 5)]  # epochs 2 and 3 only, the step count carried on
+    assert counter.epochs_seen == 3 and state.step == whole_state.step == 6
+    # Same weights as the uninterrupted run: model, Adam's moments and the poly LR all came back.
+    assert torch.allclose(resumed.weight, whole.weight) and torch.allclose(resumed.bias, whole.bias)

@@ -5,6 +5,7 @@ and no Optuna trial left RUNNING.
 * SIGTERM (``ray job stop``, Kubernetes) takes Ctrl-C's path: runs KILLED, exit 130, resumable.
 * SIGKILL right after ASHA stopped a trial: Optuna has recorded the stop, Tune's snapshot (taken
   every ~10 s) has not. Both resumes must succeed and leave the study consistent.
+* Ctrl-C while a stage trains, then ``--resume``: one FINISHED stage run per (trial, stage).
 """
 
 from __future__ import annotations
@@ -14,6 +15,8 @@ import os
 import signal
 import subprocess
 import sys
+import time
+from collections import Counter
 from pathlib import Path
 
 import optuna
@@ -96,6 +99,35 @@ def assert_each_trial_once(folder: Path, env: dict, name: str, samples: int) -> 
     trial_runs = [run.data.tags["selftune.trial_id"] for run in mlflow_runs(env, "trial")]
     assert sorted(trial_runs) == sorted(tune)
     assert not [run.info.run_id for run in mlflow_runs(env) if run.info.status == "RUNNING"]
+    assert_one_finished_run_per_stage(env)
+
+
+def assert_one_finished_run_per_stage(env: dict) -> None:
+    """Exactly one FINISHED stage run per (trial, stage); any other run of it names the one that
+    superseded it."""
+    stages = mlflow_runs(env, "stage")
+    finished = Counter((run.data.tags["mlflow.parentRunId"], run.data.tags["selftune.stage"])
+                       for run in stages if run.info.status == "FINISHED")
+    assert finished and set(finished.values()) == {1}, finished
+    finished_ids = {run.info.run_id for run in stages if run.info.status == "FINISHED"}
+    assert all(run.data.tags.get("selftune.superseded_by") in finished_ids for run in stages if run.info.status != "FINISHED")
+
+
+def signal_mid_stage(process: subprocess.Popen, env: dict, signum: int) -> str:
+    """Send ``signum`` once a stage run has logged an epoch and still trains (a search prints no
+    per-epoch lines: its trials' stages run in Ray workers); the whole output."""
+    mlflow = MlflowClient(env["MLFLOW_TRACKING_URI"])
+    while process.poll() is None:
+        time.sleep(0.2)
+        try:
+            training = mlflow.search_runs([e.experiment_id for e in mlflow.search_experiments()],
+                                          filter_string="tags.`selftune.kind` = 'stage' and attributes.status = 'RUNNING'")
+        except Exception:  # noqa: BLE001  (the store is created by the search: not there yet)
+            continue
+        if any("train/loss" in run.data.metrics for run in training):
+            process.send_signal(signum)
+            break
+    return process.communicate(timeout=300)[0]
 
 
 def test_sigterm_ends_the_search_killed_and_resume_finishes_it(tmp_path, small_synthetic):
@@ -189,15 +221,34 @@ def test_a_trial_whose_actor_is_killed_is_restarted_from_its_last_stage(tmp_path
     assert {t.state for t in study_trials(tmp_path, "lost")} == {optuna.trial.TrialState.COMPLETE}
 
 
-def test_sigterm_ends_a_run_on_ray_workers_killed(tmp_path, small_synthetic):
-    """``selftune run`` with a worker group starts Ray, whose start replaces the SIGTERM handler."""
+def test_ctrl_c_mid_stage_then_resume_leaves_one_finished_run_per_stage(tmp_path, small_synthetic):
+    # Stopped mid-stage, a trial either finishes the stage before Ray goes down (its next report
+    # ends it; Tune never saw the report) or is killed in it: both resume to one FINISHED run.
+    space, env = tiny_search(tmp_path, small_synthetic, "mid", samples=2)
+    spec = yaml.safe_load(space.read_text())
+    spec["set"].update({"stages.supervised.epochs": 2, "stages.supervised.steps_per_epoch": 10})
+    space.write_text(yaml.safe_dump(spec))
+    first = start(space, env)
+    output = signal_mid_stage(first, env, signal.SIGINT)
+    assert first.returncode == 130, output[-3000:]
+    assert not [run.info.run_id for run in mlflow_runs(env) if run.info.status == "RUNNING"]
+    finish(space, env)
+    assert_each_trial_once(tmp_path, env, "mid", samples=2)
+    supervised = [run for run in mlflow_runs(env, "stage") if run.data.tags["selftune.stage"] == "supervised"]
+    assert len({run.data.tags["mlflow.parentRunId"] for run in supervised if run.info.status == "FINISHED"}) == 2
+
+
+@pytest.mark.parametrize(("signum", "when"), [(signal.SIGTERM, "Started training worker group"), (signal.SIGINT, "epoch 1/")])
+def test_a_signal_ends_a_run_on_ray_workers_killed(tmp_path, small_synthetic, signum, when):
+    """``selftune run`` with a worker group starts Ray, whose start replaces the SIGTERM handler and
+    whose ``fit()`` would install a SIGINT handler that exits 1: either signal ends it as Ctrl-C."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}"}
     sets = [f"{key}={value}" for key, value in {**TINY, "data.root": str(small_synthetic), "resources.workers": 1,
-                                                 "stages.supervised.steps_per_epoch": 400}.items()]
+                                                 "stages.supervised.epochs": 3, "stages.supervised.steps_per_epoch": 100}.items()]
     run = subprocess.Popen([sys.executable, "-m", "selftune", "run", str(REPO / "pipelines" / "quickstart.yaml"),
                             "--out", str(tmp_path / "out"), *[arg for item in sets for arg in ("--set", item)]],
                            cwd=tmp_path, env=env, text=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-    output = signal_when(run, "", signal.SIGTERM, has="Started training worker group")  # Ray is up, the stage trains
+    output = signal_when(run, "", signum, has=when)  # Ray is up and the stage trains (SIGINT: an epoch is done)
     assert run.returncode == 130, output[-3000:]
     runs = mlflow_runs(env)
     assert runs and {run.info.status for run in runs} == {"KILLED"}

@@ -173,7 +173,7 @@ def test_a_schedule_corner_that_leaves_the_valid_range_is_caught(tmp_path):
     # 0.3 * 3.0^2 = 2.7 > 1 in the last round: alpha must stay a fraction.
     space = {ALPHA: {"type": "conditional", "key": "shape", "branches": {
         "step": {"start": 0.3, "milestones": [2, 4], "factor": {"type": "float", "low": 1.5, "high": 3.0}}}}}
-    with pytest.raises(ConfigError, match=r"alpha\.step\.factor=3\.0.* gives an invalid pipeline: .*alpha: Input should be less than or equal to 1"):
+    with pytest.raises(ConfigError, match=r"alpha\.step\.factor=3\.0.* gives an invalid pipeline: .*stages\.dst\.schedules\.label\.alpha\.factor: Input should be less than or equal to 1, got 3\.0"):
         load_search_space(write_space(tmp_path, space, pipeline=DST_CBC))
 
 

@@ -15,7 +15,7 @@ from pydantic import BaseModel, ValidationError
 
 from selftune.config.kinds import NO_INPUT, REQUIRED, Reference, stage_kind
 from selftune.config.paths import deep_copy, set_dotted
-from selftune.config.rounds import expand_rounds
+from selftune.config.rounds import ScheduledValue, expand_rounds, written_under
 from selftune.config.schema import PREVIOUS, PipelineConfig, StageConfig
 from selftune.errors import ConfigError
 from selftune.models.registry import check_model_name
@@ -52,8 +52,8 @@ def validate_pipeline(raw: dict[str, Any], *, source: str, overrides: Iterable[s
     stages = raw.get("stages")
     if not isinstance(stages, list) or not stages:
         raise ConfigError(f"{source}: stages: must be a non-empty list of stages")
-    stages = expand_rounds(stages, source)
-    raw["stages"] = [_validate_stage(stage, i, source) for i, stage in enumerate(stages)]
+    stages, scheduled = expand_rounds(stages, source)
+    raw["stages"] = [_validate_stage(stage, i, source, scheduled) for i, stage in enumerate(stages)]
     try:
         pipeline = PipelineConfig.model_validate(raw)
     except ValidationError as error:
@@ -74,15 +74,20 @@ def parse_override(text: str, source: str = "--set") -> tuple[str, Any]:
     return key.strip(), parsed
 
 
-def _validate_stage(raw_stage: Any, index: int, source: str) -> StageConfig:
+def _validate_stage(raw_stage: Any, index: int, source: str, scheduled: dict[str, dict[str, ScheduledValue]]) -> StageConfig:
     if not isinstance(raw_stage, dict):
         raise ConfigError(f"{source}: stages.{index}: must be a mapping with name and kind")
     label = str(raw_stage.get("name", index))
-    config = stage_kind(raw_stage.get("kind"), where=f"{source}: stages.{label}.kind").config
+    written = written_under(label, raw_stage.get("group"), raw_stage.get("round"))  # what the user wrote
+    config = stage_kind(raw_stage.get("kind"), where=f"{source}: {written}.kind").config
     try:
         return config.model_validate(raw_stage)
     except ValidationError as error:
-        raise ConfigError(_describe(error, source, raw_stage, prefix=f"stages.{label}")) from None
+        problem = error.errors()[0]
+        origin = scheduled.get(label, {}).get(".".join(str(part) for part in problem["loc"]))
+        if origin is not None:  # the user wrote a schedule, not this round's stage
+            raise ConfigError(f"{source}: {origin.describe(problem)}") from None
+        raise ConfigError(_describe(error, source, raw_stage, prefix=written)) from None
 
 
 def _describe(error: ValidationError, source: str, raw: Any, prefix: str = "") -> str:
@@ -119,8 +124,9 @@ def resolve_references(pipeline: PipelineConfig, source: str) -> PipelineConfig:
     for stage in pipeline.stages:
         if any(other.name == stage.name for other in seen):
             raise ConfigError(f"{source}: stages.{stage.name}.name: stage names must be unique")
+        written = written_under(stage.name, stage.group, stage.round)  # the key the user wrote
         updates = {
-            field: _resolve(seen, every_name, getattr(stage, field), reference, f"{source}: stages.{stage.name}.{field}")
+            field: _resolve(seen, every_name, getattr(stage, field), reference, f"{source}: {written}.{field}")
             for field, reference in stage.reference_fields().items()
         }
         seen.append(stage.model_copy(update=updates))

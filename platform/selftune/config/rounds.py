@@ -21,7 +21,8 @@ shape like any other value.
 
 from __future__ import annotations
 
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, Mapping
 
 from selftune.config.kinds import registered_kinds
 from selftune.config.paths import set_dotted
@@ -30,20 +31,73 @@ from selftune.schedules import schedule_value, validate_schedule
 
 GROUP_KIND = "rounds"
 GROUP_KEYS = {"name", "kind", "rounds", "schedules", "stages"}
+# Schema errors that mean "out of range": for a monotone schedule they blame one key of it.
+_BOUND_ERRORS = {"greater_than", "greater_than_equal", "less_than", "less_than_equal"}
 
 
-def expand_rounds(stages: list[Any], source: str) -> list[Any]:
-    """Replace every ``kind: rounds`` group by its stages repeated ``rounds`` times."""
+@dataclass(frozen=True)
+class ScheduledValue:
+    """A value a schedule gave one round's stage, and the key the user wrote it under, so that a
+    schema error names ``stages.dst.schedules.label.alpha.end`` rather than ``stages.dst-r4-label.alpha``."""
+
+    path: str  # stages.<group>.schedules.<inner stage>.<key>
+    spec: Any
+    round: int  # 1-based
+    rounds: int
+
+    def describe(self, problem: Mapping[str, Any]) -> str:
+        """One line for the schema's complaint ``problem`` (a pydantic error) about this value."""
+        rule = problem["msg"].replace("Value error, ", "")
+        culprit = self._culprit() if problem["type"] in _BOUND_ERRORS else None
+        scheduled = f"round {self.round} of {self.rounds} would get {problem.get('input')!r}"
+        if culprit is None:
+            return f"{self.path}: {scheduled}: {rule}"
+        key, value = culprit
+        return f"{self.path}{key}: {rule}, got {value!r} ({scheduled})"
+
+    def _culprit(self) -> tuple[str, Any] | None:
+        """The schedule key (suffix, its value) a range error at this round comes from. Every
+        shape is monotone, so the first round out of range blames the start unless round 1 was fine."""
+        spec = self.spec
+        if not isinstance(spec, Mapping):
+            return "", spec
+        shape, first = spec["shape"], self.round == 1
+        if shape == "constant":
+            return ".value", spec["value"]
+        if shape == "list":
+            return f".values[{self.round - 1}]", spec["values"][self.round - 1]
+        if first:
+            return ".start", spec["start"]
+        if shape == "step":
+            key = "factor" if "factor" in spec else "increment"
+            return f".{key}", spec[key]
+        return ".end", spec["end"]
+
+
+def expand_rounds(stages: list[Any], source: str) -> tuple[list[Any], dict[str, dict[str, ScheduledValue]]]:
+    """Replace every ``kind: rounds`` group by its stages repeated ``rounds`` times. Also returns,
+    per expanded stage name, the dotted keys a schedule set and where the user wrote them."""
     expanded: list[Any] = []
+    scheduled: dict[str, dict[str, ScheduledValue]] = {}
     for stage in stages:
         if isinstance(stage, dict) and stage.get("kind") == GROUP_KIND:
-            expanded.extend(_expand_group(stage, source))
+            for round_stage, origins in _expand_group(stage, source):
+                expanded.append(round_stage)
+                scheduled[round_stage["name"]] = origins
         else:
             expanded.append(stage)
-    return expanded
+    return expanded, scheduled
 
 
-def _expand_group(group: dict[str, Any], source: str) -> list[dict[str, Any]]:
+def written_under(name: Any, group: str | None, round_index: int | None) -> str:
+    """The dotted key a stage is written under: ``stages.dst.stages.label`` for the round stage
+    ``dst-r2-label``, ``stages.<name>`` for a stage outside any group."""
+    if not group:
+        return f"stages.{name}"
+    return f"stages.{group}.stages.{str(name).removeprefix(f'{group}-r{round_index}-')}"
+
+
+def _expand_group(group: dict[str, Any], source: str) -> list[tuple[dict[str, Any], dict[str, ScheduledValue]]]:
     name = group.get("name")
     where = f"stages.{name}"
     unknown = set(group) - GROUP_KEYS
@@ -83,18 +137,20 @@ def _schedule_leaves(node: Any, where: str, source: str, prefix: str = "") -> di
     return leaves
 
 
-def _round_stage(stage, group, round_index, rounds, inner_names, schedules, source) -> dict[str, Any]:
+def _round_stage(stage, group, round_index, rounds, inner_names, schedules, source):
     copy = {key: _copy(value) for key, value in stage.items()}
     prefix = f"{group}-r{round_index}-"
     copy.update(name=prefix + stage["name"], group=group, round=round_index)
+    origins: dict[str, ScheduledValue] = {}
     for key, spec in schedules.items():
         inner, _, dotted = key.partition(".")
         if inner == stage["name"]:
             set_dotted(copy, dotted, schedule_value(spec, round_index - 1, rounds), source)
+            origins[dotted] = ScheduledValue(f"stages.{group}.schedules.{key}", spec, round_index, rounds)
     for field in _reference_field_names(stage.get("kind")):
         if copy.get(field) in inner_names:
             copy[field] = prefix + copy[field]
-    return copy
+    return copy, origins
 
 
 def _reference_field_names(kind: Any) -> list[str]:

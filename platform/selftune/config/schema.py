@@ -60,6 +60,9 @@ class ResourcesConfig(StrictModel):
     use_gpu: bool = False
     cpus_per_worker: float = Field(1.0, gt=0)
     precision: Literal["fp32", "bf16", "fp16"] = "bf16"  # autocast dtype on GPU; CPU always runs fp32
+    # Worker groups only: how often Ray Train restarts a stage whose worker (or node) died, from its
+    # last epoch's checkpoint. Local mode has none (a search retries the stage's task from scratch).
+    max_failures: int = Field(2, ge=0, strict=True)
 
 
 class OptimizerConfig(StrictModel):

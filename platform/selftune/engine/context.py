@@ -14,7 +14,10 @@ import torch
 from selftune.tracking import NullTracker
 
 
-def _no_report(metrics: Mapping[str, Any]) -> None:
+Snapshot = Callable[[], dict[str, Any]]  # the training state to resume from (see engine.loop.fit)
+
+
+def _no_report(metrics: Mapping[str, Any], snapshot: Snapshot | None = None) -> None:
     pass
 
 
@@ -25,7 +28,12 @@ class WorkerContext:
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
     precision: str = "fp32"  # autocast dtype on CUDA: fp32 (off), bf16 or fp16
     tracker: Any = field(default_factory=NullTracker)  # RunTracker on rank 0, NullTracker elsewhere
-    report: Callable[[Mapping[str, Any]], None] = _no_report  # a barrier under Ray Train: all ranks call it
+    # A barrier under Ray Train: all ranks call it. With a worker group, rank 0's ``snapshot()`` is
+    # saved as the run's checkpoint, so a restarted group resumes from it (``resume_state``).
+    report: Callable[[Mapping[str, Any], Snapshot | None], None] = _no_report
+    restartable: bool = False  # a worker group: Ray Train restarts it after a failure, from resume_state
+    resume_state: dict[str, Any] | None = None  # the last reported snapshot, after a restart
+    attempt: int = 1  # this worker group's start: 2 and up after a restart
 
     @classmethod
     def local(cls, device: str | torch.device | None = None, precision: str = "bf16", tracker: Any = None) -> "WorkerContext":
@@ -35,6 +43,11 @@ class WorkerContext:
     @property
     def is_main(self) -> bool:
         return self.rank == 0
+
+    @property
+    def resumed_from_epoch(self) -> int:
+        """The epoch a restarted worker group continued after (0: it started from the beginning)."""
+        return int(self.resume_state["epoch"]) if self.resume_state else 0
 
     @property
     def distributed(self) -> bool:

@@ -17,6 +17,10 @@ Hook call order (hooks are called in the order of the list given to ``fit``)::
         after_epoch                    state.losses: the epoch's loss means; state.metrics: train/*,
                                        plus what earlier hooks added this epoch
     after_train
+
+Given ``ctx.resume_state`` (a restarted Ray Train worker group's last checkpoint), ``fit`` loads
+the model, optimizer, LR schedule and every hook's ``state_dict`` from it and continues with the
+next epoch; ``state.snapshot()`` is what such a checkpoint holds.
 """
 
 from __future__ import annotations
@@ -50,6 +54,8 @@ class TrainState:
     step: int = 0  # optimisation steps done so far, over all epochs
     losses: dict[str, float] = field(default_factory=dict)  # the last epoch's loss means
     metrics: dict[str, float] = field(default_factory=dict)  # the last epoch's metrics (hooks add to it)
+    # What to checkpoint after an epoch (set by fit): hand it to ``ctx.report`` to make the epoch resumable.
+    snapshot: Callable[[], dict[str, Any]] | None = field(default=None, repr=False, compare=False)
 
     @property
     def epoch_index(self) -> int:
@@ -71,6 +77,12 @@ class Hook:
     def after_epoch(self, state: TrainState, model: nn.Module) -> None: ...
 
     def after_train(self, state: TrainState, model: nn.Module) -> None: ...
+
+    def state_dict(self) -> dict[str, Any] | None:
+        """What this hook must carry over a restart from a checkpoint (None: nothing)."""
+        return None
+
+    def load_state_dict(self, state: dict[str, Any]) -> None: ...
 
 
 class TrainingDiverged(SelftuneError, RuntimeError):
@@ -135,8 +147,11 @@ def fit(
     lr_schedule = make_lr_schedule(torch_optimizer, optimizer, epochs * steps_per_epoch)
     scaler = torch.amp.GradScaler("cuda") if ctx.device.type == "cuda" and ctx.precision == "fp16" else None
     state = TrainState(epochs=epochs, steps_per_epoch=steps_per_epoch)
+    parts = TrainingParts(network, torch_optimizer, lr_schedule, scaler, state, hooks)
+    state.snapshot = parts.snapshot
+    first_epoch = parts.restore(ctx.resume_state) + 1 if ctx.resume_state else 1
     _call(hooks, "before_train", state, network)
-    for epoch in range(1, epochs + 1):
+    for epoch in range(first_epoch, epochs + 1):
         state.epoch = epoch
         state.metrics = {}
         _call(hooks, "before_epoch", state, network)
@@ -148,6 +163,42 @@ def fit(
         _call(hooks, "after_epoch", state, network)
     _call(hooks, "after_train", state, network)
     return state
+
+
+@dataclass
+class TrainingParts:
+    """Everything a restarted worker group needs to continue after the last reported epoch."""
+
+    network: nn.Module
+    optimizer: torch.optim.Optimizer
+    lr_schedule: Any
+    scaler: torch.amp.GradScaler | None
+    state: TrainState
+    hooks: Sequence[Hook]
+
+    def snapshot(self) -> dict[str, Any]:
+        """The state after the current epoch. It holds the live tensors: save it at once."""
+        return {
+            "epoch": self.state.epoch, "step": self.state.step, "metrics": dict(self.state.metrics),
+            # nn.Module's own state_dict: a network may narrow its own (a mean teacher's is the teacher's).
+            "model": nn.Module.state_dict(unwrap(self.network)), "optimizer": self.optimizer.state_dict(),
+            "lr_schedule": self.lr_schedule.state_dict(),
+            "scaler": self.scaler.state_dict() if self.scaler is not None else None,
+            "hooks": [hook.state_dict() for hook in self.hooks],
+        }
+
+    def restore(self, saved: dict[str, Any]) -> int:
+        """Load ``saved`` (a snapshot); the epoch it was taken after."""
+        nn.Module.load_state_dict(unwrap(self.network), saved["model"])
+        self.optimizer.load_state_dict(saved["optimizer"])
+        self.lr_schedule.load_state_dict(saved["lr_schedule"])
+        if self.scaler is not None and saved["scaler"] is not None:
+            self.scaler.load_state_dict(saved["scaler"])
+        for hook, hook_state in zip(self.hooks, saved["hooks"]):
+            if hook_state is not None:
+                hook.load_state_dict(hook_state)
+        self.state.epoch, self.state.step, self.state.metrics = saved["epoch"], saved["step"], dict(saved["metrics"])
+        return saved["epoch"]
 
 
 def _call(hooks: Sequence[Hook], name: str, state: TrainState, model: nn.Module) -> None:

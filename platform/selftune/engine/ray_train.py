@@ -10,17 +10,21 @@ function it was given, ``work(payload, ctx)``. This module knows nothing of stag
 from __future__ import annotations
 
 import signal
+import tempfile
 import threading
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Mapping
 
 from selftune import tracking
 from selftune.config import ResourcesConfig
 from selftune.engine.cluster import ensure_ray
-from selftune.engine.context import WorkerContext
+from selftune.engine.context import Snapshot, WorkerContext
 from selftune.errors import SelftuneError
 from selftune.tracking import NullTracker, RunTracker
+
+STATE_FILE = "training_state.pt"  # in a Ray Train checkpoint: the snapshot of engine.loop.fit
+STARTS_FILE = ".worker_group_starts"  # in the stage folder: how often its worker group started
 
 
 @dataclass(frozen=True)
@@ -41,23 +45,31 @@ def run_on_ray_train(order: WorkOrder, resources: ResourcesConfig, *, name: str,
 
     if resources.workers > 0:
         ensure_ray(temp_dir=storage_path)
+    group = resources.workers > 0  # a worker group can lose a worker (or a node) and be restarted
     trainer = TorchTrainer(
         train_loop_per_worker,
-        train_loop_config={"order": order, "precision": resources.precision},
+        train_loop_config={"order": order, "precision": resources.precision, "restartable": group},
         scaling_config=ray.train.ScalingConfig(
             num_workers=resources.workers,
             use_gpu=resources.use_gpu,
             resources_per_worker={"CPU": resources.cpus_per_worker, **({"GPU": 1} if resources.use_gpu else {})},
         ),
         # Deterministic name: re-running the same stage folder resumes rather than duplicates.
-        run_config=ray.train.RunConfig(name=name, storage_path=str(Path(storage_path).resolve())),
+        run_config=ray.train.RunConfig(
+            name=name, storage_path=str(Path(storage_path).resolve()),
+            failure_config=ray.train.FailureConfig(max_failures=resources.max_failures if group else 0),
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=1),  # only the last epoch's is resumed from
+        ),
     )
+    # fit() would install a SIGINT handler of its own that aborts the run and exits 1 (runs FAILED):
+    # Ctrl-C must raise KeyboardInterrupt here, as SIGTERM does, so the runs end KILLED and exit 130.
+    trainer._register_sigint_handler = lambda controller: None
     sigint = signal.getsignal(signal.SIGINT)
     try:
         trainer.fit()
     except Exception as error:
         raise unwrap_worker_error(error) from None
-    finally:  # fit() leaves a SIGINT handler of its own that aborts and exits 1: Ctrl-C must stay ours
+    finally:  # whatever handler fit() left (local mode, another Ray version): Ctrl-C must stay ours
         if threading.current_thread() is threading.main_thread():
             signal.signal(signal.SIGINT, sigint)
 
@@ -72,10 +84,13 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     rank, world_size = ray_context.get_world_rank(), ray_context.get_world_size()
     tracker = RunTracker(order.tracking_uri, order.run_id) if rank == 0 and order.run_id else NullTracker()
     device = ray.train.torch.get_device()
+    restartable = config["restartable"]
     ctx = WorkerContext(
         rank=rank, world_size=world_size, device=device, tracker=tracker,
         precision=config["precision"] if device.type == "cuda" else "fp32",
-        report=lambda metrics: ray.train.report(dict(metrics)),
+        report=_reporter(rank, restartable), restartable=restartable,
+        resume_state=_resume_state(ray.train.get_checkpoint()) if restartable else None,
+        attempt=_count_start(Path(order.output_dir), rank) if restartable else 1,
     )
     mark = len(tracking.not_logged())
     try:
@@ -83,6 +98,47 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     finally:  # what this worker could not log goes to the stage folder; the stage's starter absorbs it
         if rank == 0 and len(tracking.not_logged()) > mark:
             tracking.write_not_logged(Path(order.output_dir) / tracking.NOT_LOGGED, tracking.take_not_logged(mark))
+
+
+def _reporter(rank: int, checkpoints: bool) -> Callable[[Mapping[str, Any], Snapshot | None], None]:
+    """``ray.train.report``; with ``checkpoints``, rank 0's snapshot goes with it as the checkpoint
+    a restarted worker group resumes from (the other ranks report none: the state is the same)."""
+    import ray.train
+    import torch
+
+    def report(metrics: Mapping[str, Any], snapshot: Snapshot | None = None) -> None:
+        if not checkpoints or snapshot is None:
+            ray.train.report(dict(metrics))
+            return
+        with tempfile.TemporaryDirectory() as folder:
+            checkpoint = None
+            if rank == 0:
+                torch.save(snapshot(), Path(folder) / STATE_FILE)
+                checkpoint = ray.train.Checkpoint.from_directory(folder)
+            ray.train.report(dict(metrics), checkpoint=checkpoint)
+
+    return report
+
+
+def _resume_state(checkpoint) -> dict[str, Any] | None:
+    """The snapshot in the run's latest checkpoint (after a restart), on the CPU."""
+    import torch
+
+    if checkpoint is None:
+        return None
+    with checkpoint.as_directory() as folder:
+        path = Path(folder) / STATE_FILE
+        return torch.load(path, map_location="cpu", weights_only=True) if path.is_file() else None
+
+
+def _count_start(folder: Path, rank: int) -> int:
+    """This start of the stage's worker group, 1-based: rank 0 counts them in the stage folder."""
+    path = folder / STARTS_FILE
+    if rank != 0:
+        return 1  # only rank 0 writes the summary
+    starts = int(path.read_text()) + 1 if path.is_file() else 1
+    path.write_text(str(starts))
+    return starts
 
 
 def unwrap_worker_error(error: BaseException) -> BaseException:

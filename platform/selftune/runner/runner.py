@@ -14,7 +14,10 @@ MLflow contract (users' dashboards rely on these names):
   group, ``selftune.cache=hit|miss`` with a cache); params = the stage's resolved config;
 - parent run (pipeline or trial): ``<stage>/val/miou``, ``<stage>/pseudo_label/miou`` (+ kept
   fraction, coverage) with step = stage index, ``<group>/<inner stage>/<key>`` with step = round;
-- every run ends FINISHED, FAILED (reason in tag ``selftune.error``) or KILLED — never RUNNING.
+- every run ends FINISHED, FAILED (reason in tag ``selftune.error``) or KILLED — never RUNNING;
+- one FINISHED stage run per (parent, stage), also across resumes: a resumed parent (a trial)
+  keeps its FINISHED run of a stage the store still holds, and a stage computed again supersedes
+  its earlier runs (tag ``selftune.superseded_by``, ended KILLED if they were not).
 """
 
 from __future__ import annotations
@@ -32,7 +35,16 @@ from selftune.engine.ray_train import WorkOrder, run_on_ray_train
 from selftune.errors import failure_reason
 from selftune.runner.cache import stage_key
 from selftune.stages import RESULT, SUMMARY, StageJob, artifact_path
-from selftune.tracking import KIND_STAGE, NOT_LOGGED, RunTracker, absorb_not_logged, create_run, finish_run
+from selftune.tracking import (
+    KIND_STAGE,
+    NOT_LOGGED,
+    RunTracker,
+    absorb_not_logged,
+    attempt,
+    client,
+    create_run,
+    finish_run,
+)
 
 SUMMARY_KEYS = ("select/miou", "val/miou", "pseudo_label/miou", "pseudo_label/kept_fraction", "pseudo_label/class_coverage")
 
@@ -51,6 +63,7 @@ class StageResult:
     key: str = ""
     hit: bool = False  # reused from the stage store, not computed
     resumed: bool = False  # done before a resume: read back, not logged again
+    kept: bool = False  # the parent's FINISHED run from an earlier session: not logged again
 
 
 class StageStore(Protocol):
@@ -93,22 +106,64 @@ def run_stages(
             folders[stage.name] = folder
             job = StageJob(pipeline=pipeline, stage_index=index, output_dir=str(folder), inputs=inputs,
                            tracking_uri=tracking.uri)
+            earlier = earlier_stage_runs(tracking, stage.name) if index >= done else []
+            kept = finished_run(earlier, key) if hit else None
             if index < done and hit:
                 result = StageResult(stage.name, stage.kind, str(folder), None, 0.0, job.read_summary())
+            elif kept is not None:  # a resumed trial whose last session ended after this stage
+                result = StageResult(stage.name, stage.kind, str(folder), kept.info.run_id, 0.0, job.read_summary(), kept=True)
             elif hit:
                 result = record_reused_stage(job, tracking, tags={"selftune.cache": "hit", "selftune.cache_key": key})
             else:
                 result = run_tracked_stage(job, tracking, execute, tags={"selftune.cache": "miss", "selftune.cache_key": key})
-        result.index, result.key, result.hit, result.resumed = index, key, hit, index < done
+            supersede(tracking.uri, [run for run in earlier if run is not kept], result.run_id)
+        result.index, result.key, result.resumed = index, key, index < done
+        result.hit = kept.data.tags.get("selftune.cache") == "hit" if kept is not None else hit
         results.append(result)
         if index < done:
             continue
-        parent.log_metrics(pipeline_metrics(result), step=index)
+        if not result.kept:  # a kept run's parent metrics were logged in its own session
+            parent.log_metrics(pipeline_metrics(result), step=index)
         if stage.group:  # curricula: one series per group and inner stage, step = round
             parent.log_metrics(round_metrics(stage, result), step=stage.round)
         if on_stage_end:
             on_stage_end(result, results)
     return results
+
+
+def earlier_stage_runs(tracking: Tracking, stage_name: str) -> list:
+    """The parent's runs of the stage made in earlier sessions (a resumed trial): none for a new
+    parent. A failed look-up is recorded as not logged and finds none."""
+    if tracking.parent_run_id is None:
+        return []
+    where = (f"tags.`mlflow.parentRunId` = '{tracking.parent_run_id}' and tags.`selftune.kind` = '{KIND_STAGE}' "
+             f"and tags.`selftune.stage` = '{stage_name}'")
+    return attempt(lambda: client(tracking.uri).search_runs([tracking.experiment_id], filter_string=where),
+                   tracking.uri, "read", f"look-up of stage {stage_name}'s earlier runs", run=tracking.parent_run_id,
+                   default=[])
+
+
+def finished_run(runs: list, key: str):
+    """The FINISHED run of the stage with cache key ``key`` among ``runs``, if any."""
+    return next((run for run in runs if run.info.status == "FINISHED"
+                 and run.data.tags.get("selftune.cache_key") == key), None)
+
+
+def supersede(tracking_uri: str, runs: list, by: str | None) -> None:
+    """Earlier runs of a stage computed (or recorded) again: each names the run that replaces it,
+    and one not yet ended KILLED or FAILED (left RUNNING by a killed process, or FINISHED with
+    outputs since lost) is ended KILLED, so the parent has one FINISHED run of the stage."""
+    for run in runs:
+        run_id = run.info.run_id
+
+        def mark(run=run, run_id=run_id) -> None:
+            mlflow = client(tracking_uri)
+            mlflow.set_tag(run_id, "selftune.superseded_by", by or "(untracked)")
+            if run.info.status not in ("KILLED", "FAILED"):
+                mlflow.set_tag(run_id, "selftune.error", "superseded: the stage was computed again after an interruption")
+                mlflow.set_terminated(run_id, status="KILLED")
+
+        attempt(mark, tracking_uri, "tag", f"mark as superseded by {by}", run=run_id)
 
 
 def _artifact(stage: StageConfig, role: str) -> str:
@@ -176,6 +231,8 @@ def in_process(resources: ResourcesConfig, *, storage: Callable[[StageJob], Path
 def run_stage_on_worker(job: StageJob, ctx: WorkerContext) -> None:
     """What every Ray Train worker runs: the kind's function; rank 0 hands its summary back."""
     summary = stage_kind(job.stage.kind).run(job, ctx)
+    if ctx.is_main and ctx.restartable:  # whether Ray Train had to restart the worker group, and from where
+        summary = {**summary, "restarts": ctx.attempt - 1, "resumed_from_epoch": ctx.resumed_from_epoch}
     if ctx.is_main:
         job.write_json(RESULT, summary)
 

@@ -28,8 +28,6 @@ def dashboard_command(folder: str | Path, *, port: int | None = None) -> str:
 
 def dashboard_line(folder: str | Path) -> str:
     """The line a search ends with; says how to install the dashboard when it is missing."""
-    if not (Path(folder) / STUDY_FILE).is_file():
-        return "Optuna drew this population's first values; Tune's PBT evolved them (no study to browse)"
     line = f"Optuna's dashboard for this study: {dashboard_command(folder)}"
     if importlib.util.find_spec("optuna_dashboard") is None:
         line += "  (not installed: pip install optuna-dashboard, or the project's [dashboard] extra)"

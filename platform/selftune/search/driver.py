@@ -404,7 +404,10 @@ def format_outcome(outcome: SearchOutcome, tracking_uri: str) -> str:
             lines += [f"  {k} = {v}" for k, v in outcome.best.params.items()]
         lines.append(f"run it as a tuned final run with: selftune final --from {outcome.run_id}")
     lines.append(f"\nfolder: {outcome.folder}\nMLflow search run {outcome.run_id}; browse with: mlflow ui --backend-store-uri {tracking_uri}")
-    lines.append(dashboard_line(outcome.folder))
+    if (outcome.folder / "optuna.db").is_file():
+        lines.append(dashboard_line(outcome.folder))
+    else:  # PBT keeps no study
+        lines.append("Optuna drew this population's first values; Tune's PBT evolved them (no study to browse)")
     if outcome.not_logged:  # last, so that it is what the user sees
         lines.append(describe_not_logged(outcome.not_logged, tracking_uri, outcome.folder / NOT_LOGGED))
         lines += [f"  {item['what']} (not created)" if item["kind"] == "run" else f"  run {item['run']}: {item['what']}"

@@ -203,7 +203,7 @@ def run_aux_confidence(job: StageJob, ctx: WorkerContext) -> dict[str, Any]:
     )
     # Ranked on the selection images (val under the papers' protocol), never on the reported ones alone.
     hooks = [EvaluateAux(seg, evaluation_loader(data, data.selection, config, ctx), ctx), keep,
-             LogEpoch(ctx, stage.name, shown="aux/val_auc"), ReportEpoch(ctx)]
+             ReportEpoch(ctx), LogEpoch(ctx, stage.name, shown="aux/val_auc")]
     fit(AuxiliaryConfidenceNet(**architecture), batches, epochs=stage.epochs, steps_per_epoch=steps,
         compute_losses=aux_loss_terms(seg, ctx, frequency, stage.c, gamma), optimizer=stage.optimizer, ctx=ctx, hooks=hooks)
     best = {k: v for k, v in keep.best_metrics.items() if k.startswith("aux/")}

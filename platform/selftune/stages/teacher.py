@@ -75,6 +75,13 @@ class MeanTeacher(nn.Module):
         self.teacher.train(mode and self.teacher_train_mode)
         return self
 
+    def get_extra_state(self) -> dict[str, int]:
+        """What a restarted worker group needs beyond the weights: how many EMA steps were made."""
+        return {"updates": self.updates}
+
+    def set_extra_state(self, state: dict[str, int]) -> None:
+        self.updates = state["updates"]
+
     def state_dict(self, *args: Any, **kwargs: Any) -> dict[str, Any]:  # type: ignore[override]
         """The teacher's state: the network a checkpoint of this stage is."""
         return self.teacher.state_dict(*args, **kwargs)

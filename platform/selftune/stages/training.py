@@ -5,7 +5,9 @@ reported, one progress line per epoch — and the stage summary.
 A training stage only says which network to train, which batches to draw and how to turn a batch
 into loss terms, plus any hooks of its own (an EMA teacher, snapshots, online label quality).
 Standard hooks run after the stage's own, in this order: ``EvaluateOnVal``, the stage's hooks,
-``KeepBest``, ``LogEpoch``, ``ReportEpoch``.
+``KeepBest``, ``ReportEpoch``, ``LogEpoch``: an epoch is reported (on a worker group, with the
+checkpoint a restarted group resumes from) before its metrics are logged, so a restart never logs
+an epoch twice.
 """
 
 from __future__ import annotations
@@ -108,6 +110,26 @@ class KeepBest(Hook):
             else:
                 save_checkpoint(self.folder, network, self.model_config, extra=facts)
 
+    def state_dict(self) -> dict[str, Any]:
+        return {"best": self.best, "best_epoch": self.best_epoch, "best_metrics": dict(self.best_metrics)}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:  # the best network's file is already saved
+        self.best, self.best_epoch, self.best_metrics = state["best"], state["best_epoch"], dict(state["best_metrics"])
+
+
+class BestConfusion(Hook):
+    """The reported set's confusion matrix at the best epoch (the summary's per-class IoU); a hook
+    only so that a restarted worker group gets it back."""
+
+    def __init__(self) -> None:
+        self.matrix: torch.Tensor | None = None
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"matrix": self.matrix}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.matrix = state["matrix"]
+
 
 class LogEpoch(Hook):
     """The epoch's metrics to the stage's MLflow run (step = epoch) and one line on the console."""
@@ -130,13 +152,14 @@ class LogEpoch(Hook):
 
 
 class ReportEpoch(Hook):
-    """``ray.train.report`` after each epoch (a barrier under Ray Train: every rank calls it)."""
+    """``ray.train.report`` after each epoch (a barrier under Ray Train: every rank calls it), with
+    the training state a restarted worker group resumes from."""
 
     def __init__(self, ctx: WorkerContext):
         self.ctx = ctx
 
     def after_epoch(self, state: TrainState, model: nn.Module) -> None:
-        self.ctx.report({"epoch": state.epoch, **state.metrics})
+        self.ctx.report({"epoch": state.epoch, **state.metrics}, state.snapshot)
 
 
 # --------------------------------------------------------------------------------------------
@@ -160,20 +183,20 @@ def train_network(
     """Train ``network`` for the stage's epochs with the standard hooks; return the stage summary."""
     stage = job.stage
     evaluation = EvaluateSplits(data, job.pipeline.data, ctx)
-    best_confusion: dict[str, torch.Tensor] = {}
+    best_confusion = BestConfusion()
     keep = KeepBest(
         job.output(CHECKPOINT), model_config, ctx, export=export,
-        on_best=lambda state: best_confusion.update(matrix=evaluation.confusion.matrix.cpu()),
+        on_best=lambda state: setattr(best_confusion, "matrix", evaluation.confusion.matrix.cpu()),
     )
     state = fit(
         network, batches, epochs=stage.epochs, steps_per_epoch=steps_per_epoch, compute_losses=compute_losses,
         optimizer=stage.optimizer, ctx=ctx,
-        hooks=[evaluation, *hooks, keep, LogEpoch(ctx, stage.name), ReportEpoch(ctx)],
+        hooks=[evaluation, *hooks, keep, best_confusion, ReportEpoch(ctx), LogEpoch(ctx, stage.name)],
     )
     # Online labelling (U2PL) reports label quality per epoch; the stage summary keeps the last.
     labelling = {k: v for k, v in state.metrics.items()
                  if k.split("/")[0] in ("pseudo_label", "train_label") and k.count("/") == 1}
-    return finish_training(job, ctx, data, keep, best_confusion["matrix"], extra_summary=labelling)
+    return finish_training(job, ctx, data, keep, best_confusion.matrix, extra_summary=labelling)
 
 
 def finish_training(
