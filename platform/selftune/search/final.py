@@ -147,11 +147,11 @@ def run_final(
                               "--params gives one configuration; valid: 1")
         candidates = [Candidate(values, {"selftune.params_file": str(Path(params_file).resolve())}, label=str(params_file))]
     base = Path(out) if out else _default_out(Path(pipeline_file).stem)
-    run = dict(plan=plan, pipeline_file=pipeline_file, overrides=overrides, tracking_uri=tracking_uri,
-               experiment=experiment, base=base, progress=progress)
+    common = {"plan": plan, "pipeline_file": pipeline_file, "overrides": overrides, "tracking_uri": tracking_uri,
+              "experiment": experiment, "base": base, "progress": progress}
     if plan.top_k == 1:
-        return run_seeds(candidates[0], **run)
-    return run_top_k(candidates, **run)
+        return run_seeds(candidates[0], **common)
+    return run_top_k(candidates, **common)
 
 
 def run_seeds(candidate: Candidate, *, plan: FinalPlan, pipeline_file: str, overrides: list[str], tracking_uri: str,
