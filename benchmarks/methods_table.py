@@ -119,8 +119,8 @@ def table_rows(results: dict[str, Any], methods: list[str], seeds: list[int]) ->
         gains = [pair["method"]["val/miou"] - pair["control"]["val/miou"] for pair in done]
         gain = statistics.mean(gains)
         beyond = abs(gain) > max(ours[1], control[1]) if len(done) > 1 else False
-        last = done[-1]["method"]
-        labels = " / ".join(f"{last[key]:.3f}" for key in PSEUDO_KEYS) if PSEUDO_KEYS[0] in last else "-"
+        labels = " / ".join(f"{statistics.mean(p['method'][key] for p in done):.3f}" for key in PSEUDO_KEYS) \
+            if all(PSEUDO_KEYS[0] in p["method"] for p in done) else "-"
         rows.append([method, str(len(done)), f"{ours[0]:.4f} ± {ours[1]:.4f}", f"{control[0]:.4f} ± {control[1]:.4f}",
                      f"{gain:+.4f}", "yes" if beyond and gain > 0 else ("worse" if beyond else "no"), labels,
                      f"{statistics.mean(p['method']['wall_s'] + p['control']['wall_s'] for p in done):.0f}"])
@@ -133,7 +133,7 @@ def format_markdown(headers: list[str], rows: list[list[str]]) -> str:
 
 
 HEADERS = ["method", "seeds", "val mIoU (mean ± std)", "control (mean ± std)", "gain", "beyond 1 std",
-           "last pseudo labels: mIoU / kept / coverage (last seed)", "s per seed (both arms)"]
+           "last pseudo labels: mIoU / kept / coverage (mean)", "s per seed (both arms)"]
 
 
 def main() -> None:
