@@ -10,7 +10,8 @@ selection images (``data.selection``, 20 by default) and report val mIoU on the 
 
 Resumable: every finished run is written to ``<out>/results.json`` at once, and a rerun with the
 same ``--out`` skips the (method, seed, arm) runs already there; an interrupted run's folder is
-started afresh. Prints the table and the wall time.
+started afresh. ``--jobs`` runs (default 2) go at a time, one thread each. Prints the table and
+the wall time.
 
     python benchmarks/methods_table.py [--out runs/methods-table] [--seeds 0 1 2] [--methods dst_cbc u2pl]
 """
@@ -25,7 +26,9 @@ import shutil
 import statistics
 import subprocess
 import sys
+import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -104,6 +107,21 @@ def read_summaries(folder: Path) -> dict[str, Any]:
     return numbers
 
 
+def pending_runs(results: dict[str, Any], methods: list[str], seeds: list[int], threads: int, out: Path) -> list[tuple]:
+    """(method, seed, arm, pipeline file) still to run, method-major: a table cut short still has
+    complete rows. A run done with another thread count is redone, so a table uses one setting."""
+    pending = []
+    for method in methods:
+        method_file = REPO / "pipelines" / f"{method}.yaml"
+        control_file = out / "pipelines" / f"{method}_control.yaml"
+        control_file.write_text(yaml.safe_dump(control_pipeline(method_file), sort_keys=False))
+        for seed in seeds:
+            for arm, pipeline_file in zip(ARMS, (method_file, control_file), strict=True):
+                if results.get(method, {}).get(str(seed), {}).get(arm, {}).get("threads") != threads:
+                    pending.append((method, seed, arm, pipeline_file))
+    return pending
+
+
 def mean_std(values: list[float]) -> tuple[float, float]:
     return statistics.mean(values), (statistics.stdev(values) if len(values) > 1 else math.nan)
 
@@ -142,6 +160,7 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
     parser.add_argument("--threads", type=int, default=1, help="torch/OpenMP threads per run (default 1)")
+    parser.add_argument("--jobs", type=int, default=2, help="runs at a time (default 2: one thread each on 2 cores)")
     parser.add_argument("--selection", default="20", help="data.selection for every run (default 20; 'val' is optimistic)")
     args = parser.parse_args()
     out = Path(args.out).resolve()
@@ -150,24 +169,31 @@ def main() -> None:
     results = json.loads(results_file.read_text()) if results_file.is_file() else {}
     tracking_uri = f"sqlite:///{out / 'mlflow.db'}"
     started = time.perf_counter()
-    for method in args.methods:  # method-major: an interrupted table still has complete rows (every seed)
-        method_file = REPO / "pipelines" / f"{method}.yaml"
-        control_file = out / "pipelines" / f"{method}_control.yaml"
-        control_file.write_text(yaml.safe_dump(control_pipeline(method_file), sort_keys=False))
-        for seed in args.seeds:
-            for arm, pipeline_file in zip(ARMS, (method_file, control_file)):
-                pair = results.setdefault(method, {}).setdefault(str(seed), {})
-                if pair.get(arm, {}).get("threads") == args.threads:
-                    continue  # done (a run with other threads is redone: every row uses one setting)
-                print(f"[{time.perf_counter() - started:6.0f} s] {method} seed {seed}: {arm} ...", flush=True)
-                pair[arm] = run_arm(pipeline_file, seed, out / "runs" / f"{method}-seed{seed}-{arm}",
-                                    selection=args.selection, tracking_uri=tracking_uri, threads=args.threads)
-                print(f"    val mIoU {pair[arm]['val/miou']:.4f} in {pair[arm]['wall_s']:.0f} s", flush=True)
-                results_file.write_text(json.dumps(results, indent=1))
+    lock = threading.Lock()  # results and results.json are shared by the --jobs runs
+
+    def run_one(method: str, seed: int, arm: str, pipeline_file: Path) -> None:
+        print(f"[{time.perf_counter() - started:6.0f} s] {method} seed {seed}: {arm} ...", flush=True)
+        numbers = run_arm(pipeline_file, seed, out / "runs" / f"{method}-seed{seed}-{arm}",
+                          selection=args.selection, tracking_uri=tracking_uri, threads=args.threads)
+        print(f"[{time.perf_counter() - started:6.0f} s] {method} seed {seed}: {arm} val mIoU {numbers['val/miou']:.4f} "
+              f"in {numbers['wall_s']:.0f} s", flush=True)
+        with lock:
+            results.setdefault(method, {}).setdefault(str(seed), {})[arm] = numbers
+            results_file.write_text(json.dumps(results, indent=1))
+
+    pending = pending_runs(results, args.methods, args.seeds, args.threads, out)
+    with ThreadPoolExecutor(max_workers=args.jobs) as pool:
+        futures = [pool.submit(run_one, *task) for task in pending]
+        try:
+            for future in futures:
+                future.result()
+        except BaseException:
+            pool.shutdown(cancel_futures=True)  # the first failure stops the table (its log is named)
+            raise
     print(f"\n{format_markdown(HEADERS, table_rows(results, args.methods, args.seeds))}")
     every_run = sum(arm["wall_s"] for seeds in results.values() for pair in seeds.values() for arm in pair.values())
     print(f"\nthis invocation: {time.perf_counter() - started:.0f} s wall; all {sum(len(p) for s in results.values() for p in s.values())} "
-          f"runs in {results_file.name}: {every_run:.0f} s of run wall time; data.selection={args.selection}, {args.threads} thread(s) per run")
+          f"runs in {results_file.name}: {every_run:.0f} s of run wall time; data.selection={args.selection}, {args.threads} thread(s) per run, {args.jobs} run(s) at a time")
 
 
 if __name__ == "__main__":
