@@ -139,10 +139,14 @@ def table_rows(results: dict[str, Any], methods: list[str], seeds: list[int]) ->
         beyond = abs(gain) > max(ours[1], control[1]) if len(done) > 1 else False
         labels = " / ".join(f"{statistics.mean(p['method'][key] for p in done):.3f}" for key in PSEUDO_KEYS) \
             if all(PSEUDO_KEYS[0] in p["method"] for p in done) else "-"
-        rows.append([method, str(len(done)), f"{ours[0]:.4f} ± {ours[1]:.4f}", f"{control[0]:.4f} ± {control[1]:.4f}",
-                     f"{gain:+.4f}", "yes" if beyond and gain > 0 else ("worse" if beyond else "no"), labels,
+        verdict = ("yes" if gain > 0 else "worse") if beyond else ("no" if len(done) > 1 else "- (one seed)")
+        rows.append([method, str(len(done)), _mean_std(*ours), _mean_std(*control), f"{gain:+.4f}", verdict, labels,
                      f"{statistics.mean(p['method']['wall_s'] + p['control']['wall_s'] for p in done):.0f}"])
     return rows
+
+
+def _mean_std(mean: float, std: float) -> str:
+    return f"{mean:.4f} ± {std:.4f}" if math.isfinite(std) else f"{mean:.4f} (one seed)"
 
 
 def format_markdown(headers: list[str], rows: list[list[str]]) -> str:

@@ -57,3 +57,8 @@ def test_a_gain_beyond_one_std_is_marked_and_one_within_it_is_not():
     assert rows["clear"][4] == "+0.1000" and rows["clear"][5] == "yes"
     assert rows["noise"][4] == "+0.0100" and rows["noise"][5] == "no"  # 0.01 against a std of 0.03
     assert rows["clear"][2] == "0.7100 ± 0.0100"
+
+
+def test_a_single_seed_has_no_std_and_no_verdict():
+    (row,) = methods_table.table_rows({"one": {"0": {"method": _arm(0.7), "control": _arm(0.6)}}}, ["one"], [0, 1, 2])
+    assert row[1:6] == ["1", "0.7000 (one seed)", "0.6000 (one seed)", "+0.1000", "- (one seed)"]
