@@ -16,7 +16,7 @@ import yaml
 
 from selftune.config import PipelineConfig, StageConfig, flatten, pipeline_to_dict
 from selftune.errors import ConfigError
-from selftune.runner.cache import RunFolders
+from selftune.runner.cache import RunFolders, StageCache
 from selftune.runner.runner import StageResult, Tracking, in_process, run_stages, terminates
 from selftune.stages.data import prepare_data
 from selftune.tracking import KIND_PIPELINE, RunTracker, create_run, ensure_experiment, require_reachable
@@ -84,8 +84,14 @@ def run_pipeline(
     on_stage_start: Callable[[int, StageConfig], None] | None = None,
     kind: str = KIND_PIPELINE,
     tags: dict[str, Any] | None = None,
+    parent_run_id: str | None = None,
+    stage_cache: str | Path | None = None,
 ) -> PipelineResult:
-    """Validate inputs, then run every stage; MLflow runs end FAILED/KILLED if anything goes wrong."""
+    """Validate inputs, then run every stage; MLflow runs end FAILED/KILLED if anything goes wrong.
+
+    ``parent_run_id`` nests the pipeline run (a final run's candidates under it); ``stage_cache``
+    keeps the stages in that content-addressed cache instead of the run's own folders, so runs
+    that share a stage (same config, inputs and seed) compute it once."""
     require_reachable(tracking_uri)  # fail fast on a tracking server that does not answer
     check_data(pipeline)
     output_dir = new_output_dir(out, pipeline.name)
@@ -94,7 +100,7 @@ def run_pipeline(
 
     experiment_id = ensure_experiment(tracking_uri, experiment or pipeline.name)
     run_id = create_run(
-        tracking_uri, experiment_id, name=pipeline.name, kind=kind,
+        tracking_uri, experiment_id, name=pipeline.name, kind=kind, parent_run_id=parent_run_id,
         tags={"selftune.pipeline": pipeline.name, "selftune.output_dir": str(output_dir), **(tags or {})},
     )
     tracker = RunTracker(tracking_uri, run_id)
@@ -103,7 +109,7 @@ def run_pipeline(
         tracker.log_params(flatten(resolved))
         tracker.log_artifact(output_dir / "pipeline.yaml")
         result.stages = run_stages(
-            pipeline, store=RunFolders(output_dir),
+            pipeline, store=StageCache(stage_cache) if stage_cache else RunFolders(output_dir),
             execute=in_process(pipeline.resources, storage=lambda job: output_dir / "ray"),
             tracking=Tracking(tracking_uri, experiment_id, run_id, tags={}),
             on_stage_start=on_stage_start,
