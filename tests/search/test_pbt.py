@@ -173,22 +173,28 @@ def test_a_population_exploits_through_the_stage_cache_and_its_best_schedule_rep
     for record in records.values():  # an exploit is recorded once, the resume notwithstanding
         assert len(record["exploits"]) == len({(e["round"], e["donor"]) for e in record["exploits"]})
         assert [r["round"] for r in record["rounds"]][-1] == 3
-    clone, record = next((trial, r) for trial, r in records.items() if any(e["round"] == 1 for e in r["exploits"]))
-    exploit = next(e for e in record["exploits"] if e["round"] == 1)
-    donor = exploit["donor"]
-    # The clone's own stages after round 1 are keyed on the donor's round-1 stages: rebuild the
-    # pipeline the clone ran from its realised values and compare with the donor's stage runs.
+    # The exploit in effect is a trial's last: it replaced every round up to its own with the
+    # donor's (a resume can redo a boundary, so an earlier one may have been superseded).
+    # A donor exploited itself at a later boundary no longer shows the rounds it lent: pick one that was not.
+    clone, record = next((trial, r) for trial, r in sorted(records.items()) if r["exploits"] and all(
+        e["round"] <= r["exploits"][-1]["round"] for e in records[r["exploits"][-1]["donor"]]["exploits"]))
+    exploit = record["exploits"][-1]
+    donor, upto = exploit["donor"], exploit["round"]
+    # Rebuild the pipeline the clone ran from its realised values: the rounds up to the exploit
+    # carry the donor's values, so their keys are the donor's stages, computed once (cache hits
+    # for the clone), and the rounds after are the clone's own computations on top of them.
+    for path in pbt.mutable_values(space):
+        assert record["realised"][path][:upto] == records[donor]["realised"][path][:upto]
     pipeline = space.pipeline_for(record["config"], overrides=pbt.realised_overrides(space, record["config"], record["realised"]))
     keys = dict(zip([stage.name for stage in pipeline.stages], stage_keys(pipeline)))
-    assert keys["dst-r1-train"] == keys_of[donor]["dst-r1-train"]  # the donor's round, a cache hit for the clone
-    assert "dst-r1-train" not in keys_of[clone] or keys_of[clone]["dst-r1-train"] != keys["dst-r1-train"]
-    assert keys_of[clone]["dst-r3-train"] == keys["dst-r3-train"]  # what it then ran itself, on top of the donor's
-    assert record["realised"][ALPHA][0] == records[donor]["realised"][ALPHA][0]  # round 1 ran with the donor's alpha
-
+    inherited = [f"dst-r{r}-{inner}" for r in range(1, upto + 1) for inner in ("label", "train")]
+    assert all(keys[name] in set(computed) for name in inherited)
+    assert all(keys_of[clone].get(name) != keys[name] for name in inherited)  # the clone did not compute them
+    assert keys_of[clone]["dst-r3-train"] == keys["dst-r3-train"]  # what it then ran itself
+    assert f"round {upto}: from trial {donor}" in trial_runs_exploits(uri, clone)
     (search_run,) = mlflow_runs(uri, "search")
     assert search_run.data.tags["selftune.best_schedule"] == str(folder / "best_schedule.yaml")
     trial_runs = {run.data.tags["selftune.trial_id"]: run for run in mlflow_runs(uri, "trial")}
-    assert "round 1: from trial " + donor in trial_runs[clone].data.tags["selftune.pbt.exploits"]
     history = MlflowClient(uri).get_metric_history(trial_runs[clone].info.run_id, f"schedule/{ALPHA}")
     assert sorted(m.step for m in history) == [1, 2, 3]
 
@@ -201,6 +207,11 @@ def test_a_population_exploits_through_the_stage_cache_and_its_best_schedule_rep
     best_record = records[best]
     best_pipeline = space.pipeline_for(best_record["config"], overrides=pbt.realised_overrides(space, best_record["config"], best_record["realised"]))
     assert replayed == dict(zip([stage.name for stage in best_pipeline.stages], stage_keys(best_pipeline)))
+
+
+def trial_runs_exploits(uri: str, trial_id: str) -> str:
+    (run,) = [run for run in mlflow_runs(uri, "trial") if run.data.tags["selftune.trial_id"] == trial_id]
+    return run.data.tags["selftune.pbt.exploits"]
 
 
 def stage_runs_of(uri: str, parent_run_id: str) -> list:
