@@ -81,7 +81,9 @@ def test_a_killed_gloo_worker_resumes_the_stage_from_its_last_epoch(tmp_path, tr
         lines.append(line)
         found = re.search(r"pid=(\d+)\) world_rank=1\b", line)
         rank_1 = int(found.group(1)) if found else rank_1
-        if killed is None and rank_1 and "[supervised] epoch 1/4" in line:  # epoch 1 reported with its checkpoint
+        # After epoch 2: epoch 1's checkpoint has been registered by Ray Train a whole epoch before (killing
+        # right after epoch 1's line raced its registration once in a clean CI run: resumed from 0).
+        if killed is None and rank_1 and "[supervised] epoch 2/4" in line:
             assert _descendant(run.pid, rank_1)  # one of this run's workers, nobody else's
             os.kill(rank_1, signal.SIGKILL)
             killed = rank_1
@@ -96,4 +98,8 @@ def test_a_killed_gloo_worker_resumes_the_stage_from_its_last_epoch(tmp_path, tr
     assert stage.info.status == "FINISHED"
     for metric in ("train/loss", "val/pixel_accuracy"):  # logged once per epoch, by the epoch's hook only
         steps = [m.step for m in MlflowClient(tracking_uri).get_metric_history(stage.info.run_id, metric)]
-        assert sorted(steps) == [1, 2, 3, 4], (metric, steps)
+        # Each epoch once, except the epoch the kill interrupted after it was logged but before Ray
+        # Train had registered its checkpoint (asynchronous): that one epoch may be logged twice.
+        assert sorted(set(steps)) == [1, 2, 3, 4], (metric, steps)
+        twice = {step for step in steps if steps.count(step) > 1}
+        assert twice <= {summary["resumed_from_epoch"] + 1}, (metric, steps, summary["resumed_from_epoch"])
