@@ -20,7 +20,7 @@ from selftune.data.layouts import (
     open_dataset,
     register_layout,
 )
-from selftune.data.loaders import InfiniteLoader, cycle, make_loader, pad_collate
+from selftune.data.loaders import InfiniteLoader, cycle, make_loader, pad_collate, prefetched
 from selftune.data.splits import split_labelled, split_selection
 from selftune.data.strong import SAUG_OPS, saug_augmentation, st_plus_plus_augmentation
 from selftune.data.transforms import eval_transform, weak_augmentation
@@ -40,6 +40,7 @@ __all__ = [
     "make_loader",
     "open_dataset",
     "pad_collate",
+    "prefetched",
     "read_image",
     "read_mask",
     "register_layout",

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import albumentations as A
 import numpy as np
@@ -39,6 +39,10 @@ class SegmentationDataset(Dataset):
     after the transform, "id": str, "index": int}``. Items of different sizes batch through
     ``make_loader(..., pad=True)``. With ``strong_transform`` (photometric, image-only ops such as
     ``selftune.data.strong.saug_augmentation``) items also carry ``"image_strong"``.
+
+    ``cache=False`` decodes every file anew instead of through ``read_cached``: for a pass that
+    reads each image once (labelling), where the cache would only hold memory that grows with the
+    dataset.
     """
 
     def __init__(
@@ -50,10 +54,14 @@ class SegmentationDataset(Dataset):
         masks: str | Path = GROUND_TRUTH,
         label_map: np.ndarray | None = None,
         strong_transform: A.Compose | None = None,
+        cache: bool = True,
     ) -> None:
         self.samples = list(samples)
         self.num_classes = num_classes
-        self.transform = transform
+        # An empty Compose (the evaluation transform at native size) changes nothing; skipping it
+        # saves its per-item bookkeeping.
+        self.transform = None if isinstance(transform, A.Compose) and not transform.transforms else transform
+        self.cache = cache  # False: a one-pass read (labelling), kept out of the process's decode cache
         self.strong_transform = strong_transform  # image-only ops for a second, strongly augmented view
         self.label_map = label_map
         self.mask_folder = _mask_folder(masks)
@@ -69,7 +77,7 @@ class SegmentationDataset(Dataset):
 
     def __getitem__(self, index: int) -> dict[str, Any]:
         sample = self.samples[index]
-        image = read_cached(sample.image, lambda: read_image(sample.image))  # (H, W, 3) uint8
+        image = self._decoded(sample.image, lambda: read_image(sample.image))  # (H, W, 3) uint8
         mask = self._mask(sample, image.shape[:2])  # (H, W) uint8
         valid = np.ones(image.shape[:2], dtype=np.uint8)  # padding turns these into 255
         if self.transform is not None:
@@ -88,6 +96,9 @@ class SegmentationDataset(Dataset):
             "index": index,
         }
 
+    def _decoded(self, path: str | Path, read: Callable[[], np.ndarray]) -> np.ndarray:
+        return read_cached(path, read) if self.cache else read()
+
     def _strong_view(self, image: np.ndarray, mask: np.ndarray) -> dict[str, torch.Tensor]:
         """``image_strong``: the same (weakly transformed) image after ``strong_transform``, so a
         teacher can label the weak view while the student learns from the strong one."""
@@ -105,7 +116,7 @@ class SegmentationDataset(Dataset):
             path, label_map = sample.mask, self.label_map
         else:
             path, label_map = self.mask_folder / f"{sample.id}.png", None
-        mask = read_cached(path, lambda: read_mask(path, self.num_classes, label_map))
+        mask = self._decoded(path, lambda: read_mask(path, self.num_classes, label_map))
         if mask.shape != shape:
             raise DataError(
                 f"mask {path} is {mask.shape[0]}x{mask.shape[1]} but image {sample.image} is {shape[0]}x{shape[1]}"

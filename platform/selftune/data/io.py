@@ -48,6 +48,11 @@ def read_cached(path: str | Path, read: Callable[[], np.ndarray]) -> np.ndarray:
     return array.copy()
 
 
+def decode_cache_bytes() -> int:
+    """Bytes of decoded arrays the process's cache holds now."""
+    return _decoded_bytes
+
+
 def _budget_bytes() -> float:
     value = os.environ.get(DECODE_CACHE_ENV, str(DEFAULT_DECODE_CACHE_MB))
     try:

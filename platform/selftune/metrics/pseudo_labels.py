@@ -9,11 +9,22 @@ from __future__ import annotations
 
 from typing import Any
 
+import numpy as np
 import torch
 
 from selftune.metrics.confusion import ConfusionMatrix, all_reduce_sum_, check_class_range
 
-__all__ = ["PseudoLabelQuality"]
+__all__ = ["PseudoLabelQuality", "value_pair_counts"]
+
+
+def value_pair_counts(pseudo: np.ndarray, ground_truth: np.ndarray) -> np.ndarray:
+    """(256, 256) int64: ``counts[g, p]`` = pixels whose ground truth is ``g`` and pseudo label ``p``,
+    for two uint8 arrays of the same shape, in one bincount pass (a labeller's batch on the CPU)."""
+    if pseudo.shape != ground_truth.shape or pseudo.dtype != np.uint8 or ground_truth.dtype != np.uint8:
+        raise ValueError(f"value_pair_counts takes two uint8 arrays of one shape, got {pseudo.dtype} "
+                         f"{pseudo.shape} and {ground_truth.dtype} {ground_truth.shape}")
+    pairs = (ground_truth.astype(np.uint16) << 8) | pseudo
+    return np.bincount(pairs.ravel(), minlength=256 * 256).reshape(256, 256)
 
 
 class PseudoLabelQuality:
@@ -56,6 +67,26 @@ class PseudoLabelQuality:
         # Dropped pixels become "ignore" in the target, so the matrix counts kept pixels only.
         kept_truth = ground_truth.masked_fill(pseudo == self.ignore_index, self.ignore_index)
         self.kept.update(pseudo, kept_truth)
+
+    def add_pair_counts(self, counts: np.ndarray) -> None:
+        """Add a ``value_pair_counts`` table: the same totals as ``update`` on those pixels, with
+        the same errors for values that are neither a class nor ``ignore_index`` (which must be 255)."""
+        n, ignore = self.num_classes, self.ignore_index
+        if ignore != 255:
+            raise ValueError(f"value pair counts are of uint8 labels with 255 = ignore; this quality ignores {ignore}")
+        ground_truth_rows = counts[:n]  # rows of valid ground truth
+        self._reject("ground truth", counts.sum(axis=1), n)
+        self._reject("prediction", ground_truth_rows.sum(axis=0), n)
+        totals = torch.from_numpy(ground_truth_rows.sum(axis=1))
+        kept = torch.from_numpy(np.ascontiguousarray(ground_truth_rows[:, :n]))
+        self.ground_truth_counts += totals.to(self.ground_truth_counts.device)
+        self.kept.matrix += kept.to(self.kept.matrix.device)
+
+    def _reject(self, what: str, value_counts: np.ndarray, n: int) -> None:
+        bad = np.flatnonzero(value_counts[n:255]) + n
+        if bad.size:
+            raise ValueError(f"{what} holds class {int(bad[0])} but classes are 0..{n - 1} "
+                             "(or the ignore index, in the target only)")
 
     def all_reduce(self) -> None:
         """Sum the counts of all workers; a no-op without a process group. Call once, at the end."""

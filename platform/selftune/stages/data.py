@@ -94,13 +94,17 @@ def training_loader(
 
 def evaluation_loader(
     data: StageData, samples: Sequence[Sample], config: DataConfig, ctx: WorkerContext, *, masks: str = "ground_truth",
+    one_pass: bool = False,
 ) -> DataLoader:
     """Un-augmented batches of this worker's exact shard (every sample seen once across workers,
     unlike DistributedSampler, which pads with repeats and would skew the confusion matrix).
     Images of different sizes are padded per batch (mask 255 there); ``batch["size"]`` keeps each
-    image's own (H, W)."""
+    image's own (H, W). ``one_pass=True`` (labelling the unlabelled set) bypasses the decode cache:
+    those images are read once per stage, and caching them would grow memory with the dataset;
+    validation images, read every epoch, keep it."""
     dataset = SegmentationDataset(
         samples, num_classes=data.num_classes, masks=masks, label_map=data.index.label_map, transform=eval_transform(),
+        cache=not one_pass,
     )
     shard = Subset(dataset, range(ctx.rank, len(dataset), ctx.world_size))
     return make_loader(

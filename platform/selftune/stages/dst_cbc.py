@@ -102,7 +102,8 @@ def global_thresholds(
     model: torch.nn.Module, job: StageJob, ctx: WorkerContext, data: StageData, stage: ClassBalancedLabelStage
 ) -> torch.Tensor:
     """(C,) class-balanced thresholds over the whole unlabelled set, identical on every worker."""
-    loader = evaluation_loader(data, data.unlabelled, job.pipeline.data, ctx, masks="none")  # masks not needed here
+    # Masks are not needed here; the pass reads each image once (no decode cache: memory stays flat).
+    loader = evaluation_loader(data, data.unlabelled, job.pipeline.data, ctx, masks="none", one_pass=True)
     conf, pred = sampled_confidences(model, loader, ctx, stage.sample_every)
     if ctx.distributed:  # every worker needs the whole set's thresholds: world_size x the sample
         conf, pred = [gather_concat(_cat(conf), ctx)], [gather_concat(_cat(pred), ctx)]

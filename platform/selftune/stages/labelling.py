@@ -9,6 +9,9 @@ the dataset has it (the only place selftune reads unlabelled masks), overlays an
 
 from __future__ import annotations
 
+from collections import deque
+from contextlib import closing
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -17,10 +20,12 @@ import torch
 from PIL import Image
 from torch import nn
 
-from selftune.data import IGNORE_INDEX, Sample, read_image, read_mask
+from selftune.data import IGNORE_INDEX, Sample, prefetched, read_image, read_mask
 from selftune.engine.context import WorkerContext
 from selftune.engine.loop import to_device
+from selftune.errors import DataError
 from selftune.metrics import PseudoLabelQuality
+from selftune.metrics.pseudo_labels import value_pair_counts
 from selftune.models import load_checkpoint
 from selftune.stages.data import StageData, evaluation_loader, has_ground_truth
 from selftune.stages.job import PSEUDO_LABELS_FOLDER, StageJob
@@ -45,8 +50,61 @@ def load_model(path: str | Path, ctx: WorkerContext) -> nn.Module:
 
 
 def write_label_png(path: Path, labels: np.ndarray) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(labels.astype(np.uint8), mode="L").save(path)
+    """One index PNG; a failure (full disk, no permission) is a one-line DataError naming the file."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(labels.astype(np.uint8, copy=False), mode="L").save(path)
+    except OSError as exc:
+        raise DataError(f"cannot write pseudo label {path}: {exc.strerror or exc}") from None
+
+
+class LabelWriter:
+    """Finishes a labelled batch on a few threads, off the inference loop: one PNG per image
+    (PIL's encoder releases the GIL) and the pseudo-label quality counts.
+
+    ``submit`` hands over a batch's (B, H, W) class ids (0..C-1 or 255, any integer dtype); at most ``max_pending`` batches wait (memory
+    stays bounded, and a failure surfaces while the loop runs). ``finish`` waits for every batch
+    and raises the first failure; leaving the ``with`` block early drops what has not started.
+    """
+
+    def __init__(self, out: Path | None, threads: int = 2, max_pending: int = 4) -> None:
+        self.out = out
+        self.pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="label-png")
+        self.pending: deque[Future] = deque()
+        self.max_pending = max_pending
+        self.counts: np.ndarray | None = None  # summed value_pair_counts of the finished batches
+
+    def submit(self, ids: Sequence[str], labels: np.ndarray, sizes: Sequence[Sequence[int]], truth: np.ndarray | None) -> None:
+        while len(self.pending) >= self.max_pending:
+            self._collect(self.pending.popleft())
+        self.pending.append(self.pool.submit(self._finish_batch, ids, labels, sizes, truth))
+
+    def _finish_batch(self, ids, labels: np.ndarray, sizes, truth: np.ndarray | None) -> np.ndarray | None:
+        # Class ids and 255 fit a byte; casting here keeps the copy off the inference thread.
+        labels = labels.astype(np.uint8, copy=False)
+        if self.out is not None:
+            for sample_id, sample_labels, (height, width) in zip(ids, labels, sizes):
+                write_label_png(self.out / f"{sample_id}.png", sample_labels[:height, :width])  # drop the batch padding
+        return None if truth is None else value_pair_counts(labels, truth.astype(np.uint8, copy=False))
+
+    def _collect(self, future: Future) -> None:
+        counts = future.result()  # re-raises the thread's error here, in the stage
+        if counts is not None:
+            self.counts = counts if self.counts is None else self.counts + counts
+
+    def finish(self) -> np.ndarray | None:
+        """Wait for every batch; the summed pair counts (None without ground truth)."""
+        while self.pending:
+            self._collect(self.pending.popleft())
+        return self.counts
+
+    def __enter__(self) -> LabelWriter:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        for future in self.pending:
+            future.cancel()
+        self.pool.shutdown(wait=True)
 
 
 @torch.no_grad()
@@ -56,19 +114,25 @@ def label_samples(
 ) -> PseudoLabelQuality | None:
     """Write ``out/<id>.png`` for this worker's shard of ``samples`` (``out`` None: measure only);
     return the quality against ground truth summed over all workers (None when the images have no
-    ground truth). Every rank must call it (the quality is all-reduced)."""
+    ground truth). Every rank must call it (the quality is all-reduced).
+
+    The images are read once, past the decode cache; the next batch is decoded on a thread while
+    the model runs, and PNG writes and quality counts run on ``LabelWriter``'s threads."""
     model = model.to(ctx.device).eval()
     truth = has_ground_truth(samples)
-    loader = evaluation_loader(data, samples, job.pipeline.data, ctx, masks="ground_truth" if truth else "none")
+    loader = evaluation_loader(data, samples, job.pipeline.data, ctx, masks="ground_truth" if truth else "none",
+                               one_pass=True)
     quality = PseudoLabelQuality(data.num_classes)
-    for batch in loader:
-        batch = to_device(batch, ctx.device)
-        labels = labeller(model, batch)  # (B, H, W)
-        for sample_id, sample_labels, (height, width) in zip(batch["id"], labels.cpu().numpy(), batch["size"].tolist()):
-            if out is not None:
-                write_label_png(out / f"{sample_id}.png", sample_labels[:height, :width])  # drop the batch padding
-        if truth:
-            quality.update(labels, batch["mask"])
+    with LabelWriter(out) as writer, closing(prefetched(loader)) as batches:  # both stop if the loop fails
+        for batch in batches:
+            masks = batch["mask"].numpy() if truth else None  # the loader's CPU copy
+            labels = labeller(model, to_device(batch, ctx.device))  # (B, H, W), 255 = not kept
+            if labels.device.type != "cpu":
+                labels = labels.to(torch.uint8).cpu()  # an eighth of the transfer
+            writer.submit(batch["id"], labels.numpy(), batch["size"].tolist(), masks)
+        counts = writer.finish()
+    if counts is not None:
+        quality.add_pair_counts(counts)
     quality.all_reduce()
     return quality if truth else None
 

@@ -153,7 +153,8 @@ def score_images(
     is for diagnosis only (does stability pick the images the model gets right?)."""
     models = [m.to(ctx.device).eval() for m in snapshots]
     truth_known = has_ground_truth(data.unlabelled)
-    loader = evaluation_loader(data, data.unlabelled, job.pipeline.data, ctx, masks="ground_truth" if truth_known else "none")
+    loader = evaluation_loader(data, data.unlabelled, job.pipeline.data, ctx, masks="ground_truth" if truth_known else "none",
+                               one_pass=True)  # each image read once: no decode cache
     rows: list[tuple[int, float, float]] = []
     for batch in loader:
         batch = to_device(batch, ctx.device)
