@@ -137,12 +137,26 @@ class LogEpoch(Hook):
     def __init__(self, ctx: WorkerContext, stage_name: str, shown: str = "val/miou"):
         self.ctx, self.stage_name, self.shown = ctx, stage_name, shown
         self.started = time.perf_counter()
+        self.logged: set[int] = set()  # epochs an earlier attempt of this worker group logged
+
+    def before_train(self, state: TrainState, model: nn.Module) -> None:
+        """A restarted worker group: each epoch's metrics stay logged once. Ray Train registers a
+        reported checkpoint asynchronously, so the group may restart from the epoch before the
+        last one it logged (that epoch is then trained again, and not logged again); and the last
+        attempt may have died between reporting an epoch and logging it (logged now)."""
+        if self.ctx.attempt <= 1 or not self.ctx.is_main:
+            return
+        self.logged = self.ctx.tracker.logged_steps("train/loss")
+        if state.epoch and state.epoch not in self.logged and state.metrics:
+            self.ctx.tracker.log_metrics(state.metrics, step=state.epoch)
+            self.logged.add(state.epoch)
 
     def before_epoch(self, state: TrainState, model: nn.Module) -> None:
         self.started = time.perf_counter()
 
     def after_epoch(self, state: TrainState, model: nn.Module) -> None:
-        self.ctx.tracker.log_metrics(state.metrics, step=state.epoch)
+        if state.epoch not in self.logged:
+            self.ctx.tracker.log_metrics(state.metrics, step=state.epoch)
         value = state.metrics.get(self.shown, float("nan"))
         label = {"val/miou": "val mIoU"}.get(self.shown, self.shown)
         self.ctx.log(
