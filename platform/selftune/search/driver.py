@@ -91,7 +91,7 @@ def run_search(
     started = time.monotonic()
     mark = len(not_logged())
     try:
-        results, ended = _fit(space, folder, state, tracking_uri, resume, progress)
+        results, ended_ids = _fit(space, folder, state, tracking_uri, resume, progress)
     except BaseException as error:
         if isinstance(error, KeyboardInterrupt):
             close_open_runs(tracking_uri, state["experiment_id"], run_id, "KILLED", "interrupted")
@@ -106,10 +106,11 @@ def run_search(
                                           tracking_uri, "read", "read the trial runs back", run=run_id, default=[])
     _gather_trials_not_logged(folder)
     rows = merge_rows(logged, reported_rows(results), prefer_reported=len(not_logged()) > mark or offline())
+    ended = len(ended_ids or ())
     if _interrupted(space, ended, started):
         # Tune ends fit() quietly on Ctrl-C (and SIGTERM), after saving its state: say so, and keep it resumable.
         reason = f"interrupted after {ended} of {expected_trials(space)} trials; continue with --resume"
-        close_open_runs(tracking_uri, state["experiment_id"], run_id, "KILLED", reason)
+        close_open_runs(tracking_uri, state["experiment_id"], run_id, "KILLED", reason, ended_trials=ended_ids)
         finish_run(tracking_uri, run_id, "KILLED", reason=reason)
         _say(save_not_logged(folder, mark), folder, tracking_uri, progress)
         raise KeyboardInterrupt(reason)
@@ -238,7 +239,7 @@ def _fit(space: SearchSpace, folder: Path, state: dict[str, Any], tracking_uri: 
             ),
         )
     results = tuner.fit()
-    return results, progress_callback.ended or 0  # None: stopped before its first step
+    return results, progress_callback.ended_ids
 
 
 def _drop_no_round_line(record: logging.LogRecord) -> bool:

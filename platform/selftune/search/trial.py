@@ -121,7 +121,7 @@ class TrialState:
 
 def _run_stages(config: dict[str, Any], context: TrialContext, trial_id: str, pipeline: PipelineConfig, start: TrialState) -> None:
     space = context.space
-    trial_run_id = _trial_run(context, trial_id, config, pipeline)
+    trial_run_id, reported = _trial_run(context, trial_id, config, pipeline)
     tracker = RunTracker(context.tracking_uri, trial_run_id)
     # Without the shared cache a trial still caches for itself, so a resumed trial skips its done stages.
     cache = StageCache(context.cache_root if space.config.stage_cache else Path(context.cache_root) / trial_id)
@@ -132,7 +132,8 @@ def _run_stages(config: dict[str, Any], context: TrialContext, trial_id: str, pi
         metrics = population.after_stage(pipeline, result, results) if population else {}
         if population:
             state["realised"] = population.realised
-        report_stage(result, results, pipeline, space.config.objective.metric, tracker, trial_run_id, state=state, extra=metrics)
+        report_stage(result, results, pipeline, space.config.objective.metric, tracker, trial_run_id, state=state,
+                     extra=metrics, logged=result.index in reported)
 
     with terminates(context.tracking_uri, trial_run_id):
         run_stages(
@@ -145,9 +146,12 @@ def _run_stages(config: dict[str, Any], context: TrialContext, trial_id: str, pi
 def report_stage(
     result: StageResult, results: list[StageResult], pipeline: PipelineConfig, objective: str,
     tracker: RunTracker, trial_run_id: str | None, *, state: dict[str, Any] | None = None, extra: dict[str, Any] | None = None,
+    logged: bool = False,
 ) -> None:
     """After a stage: the trial run's metrics and the Tune report (ASHA's rung, the objective),
-    with a checkpoint of ``state`` (stages done, and what a restart needs besides)."""
+    with a checkpoint of ``state`` (stages done, and what a restart needs besides). ``logged``: an
+    earlier session logged this stage's trial metrics already (it ended before Tune's snapshot
+    saw the report), so only Tune hears it again."""
     import ray.tune
 
     index = result.index
@@ -163,12 +167,12 @@ def report_stage(
         **{f"{result.name}/{k}": v for k, v in result.summary.items() if isinstance(v, (int, float))},
         **(extra or {}),
     }
-    tracker.log_metrics({"cache_hits": hits}, step=index)
     if value is not None and math.isfinite(value):
         metrics[OBJECTIVE] = value
-        tracker.log_metrics({OBJECTIVE: value}, step=index)
-    if index == len(pipeline.stages) - 1 and latest_val is not None:
-        tracker.log_metrics({"val/miou": latest_val, "select/miou": latest_select})
+    if not logged:
+        tracker.log_metrics({"cache_hits": hits, **({OBJECTIVE: metrics[OBJECTIVE]} if OBJECTIVE in metrics else {})}, step=index)
+        if index == len(pipeline.stages) - 1 and latest_val is not None:
+            tracker.log_metrics({"val/miou": latest_val, "select/miou": latest_select})
     with tempfile.TemporaryDirectory() as tmp:
         (Path(tmp) / "state.json").write_text(json.dumps({**(state or {}), "stages_done": index + 1}))
         ray.tune.report(metrics, checkpoint=ray.tune.Checkpoint.from_directory(tmp))
@@ -255,9 +259,10 @@ class PopulationTrial:
         pbt.write_trial_record(self.folder, self.trial_id, self.record)
 
 
-def _trial_run(context: TrialContext, trial_id: str, config: dict[str, Any], pipeline: PipelineConfig) -> str | None:
-    """The trial's MLflow run; a resumed trial finds and reopens its run instead of making a second.
-    None when the server went away (the trial runs untracked; see selftune.tracking.runs)."""
+def _trial_run(context: TrialContext, trial_id: str, config: dict[str, Any], pipeline: PipelineConfig) -> tuple[str | None, set[int]]:
+    """The trial's MLflow run and the stage indices it has reported (``cache_hits`` steps); a
+    resumed trial finds and reopens its run instead of making a second. None when the server went
+    away (the trial runs untracked; see selftune.tracking.runs)."""
     mlflow = client(context.tracking_uri)
     existing = attempt(lambda: mlflow.search_runs(
         [context.experiment_id],
@@ -273,7 +278,9 @@ def _trial_run(context: TrialContext, trial_id: str, config: dict[str, Any], pip
                 mlflow.delete_tag(run_id, "selftune.error")
 
         attempt(reopen, context.tracking_uri, "tag", "reopen as RUNNING", run=run_id)
-        return run_id
+        history = attempt(lambda: mlflow.get_metric_history(run_id, "cache_hits"), context.tracking_uri, "read",
+                          f"read trial {trial_id}'s reported stages", run=run_id, default=[])
+        return run_id, {point.step for point in history}
     run_id = create_run(
         context.tracking_uri, context.experiment_id, name=f"trial-{trial_id}", kind=KIND_TRIAL,
         parent_run_id=context.search_run_id,
@@ -285,4 +292,4 @@ def _trial_run(context: TrialContext, trial_id: str, config: dict[str, Any], pip
         path = Path(tmp) / "pipeline.yaml"
         path.write_text(yaml.safe_dump(pipeline_to_dict(pipeline), sort_keys=False))
         tracker.log_artifact(path)
-    return run_id
+    return run_id, set()
