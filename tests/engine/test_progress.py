@@ -43,6 +43,16 @@ class Tick(Hook):
         self.clock.now += self.seconds
 
 
+class Evaluation(Hook):
+    """Work after the steps (what EvaluateSplits does): ``seconds`` of the clock."""
+
+    def __init__(self, clock: Clock, seconds: float):
+        self.clock, self.seconds = clock, seconds
+
+    def after_epoch(self, state, model) -> None:
+        self.clock.now += self.seconds
+
+
 class EpochLine(Hook):
     """Stands for LogEpoch: the epoch's one result line, on the same stream."""
 
@@ -63,12 +73,13 @@ def _loss(model, batch, state):
     return {"mse": ((model(batch["image"]) - batch["y"]) ** 2).mean()}
 
 
-def _train(stream, *, epochs: int, steps: int, seconds_per_step: float, workers: int = 1, enabled: bool = True):
+def _train(stream, *, epochs: int, steps: int, seconds_per_step: float, workers: int = 1, enabled: bool = True,
+           evaluation_s: float = 0.0):
     clock = Clock()
     progress = EpochProgress("s", enabled=enabled, workers=workers, stream=stream, clock=clock)
     fit(nn.Linear(2, 1), _batches(), epochs=epochs, steps_per_epoch=steps, compute_losses=_loss,
         optimizer=OptimizerConfig(lr=0.01), ctx=WorkerContext.local("cpu"),
-        hooks=[Tick(clock, seconds_per_step), progress, EpochLine(stream, progress)])
+        hooks=[Tick(clock, seconds_per_step), Evaluation(clock, evaluation_s), progress, EpochLine(stream, progress)])
     return progress
 
 
@@ -98,14 +109,15 @@ def test_durations_read_as_minutes_or_hours():
 
 def test_on_a_terminal_the_line_is_redrawn_in_place_and_erased_before_the_epoch_line():
     terminal = Terminal()
-    _train(terminal, epochs=2, steps=5, seconds_per_step=1.0)
+    _train(terminal, epochs=2, steps=5, seconds_per_step=1.0, evaluation_s=2.0)
     out = terminal.getvalue()
     assert out.count("\n") == 2  # only the two epochs' lines end a line
     assert out.count("\r") >= 2 * 5  # each step redrawn (1 s apart > REDRAW_S), plus the erasing
     first, second = out.split("\n")[:2]
     assert "\r  [s] epoch 1 of 2:  step 5/5  4.0 img/s  ETA 0:00" in first
-    assert first.endswith("\r  [s] epoch 1/2  (5.0s, 4 img/s)")  # erased (spaces, \r) then the result line
-    assert second.split("\r")[-1] == "  [s] epoch 2/2  (5.0s, 4 img/s)"
+    # Erased (spaces, \r), then the result line: the whole epoch's time, the steps' images/s.
+    assert first.endswith("\r  [s] epoch 1/2  (7.0s, 4 img/s)")
+    assert second.split("\r")[-1] == "  [s] epoch 2/2  (7.0s, 4 img/s)"
 
 
 def test_in_a_log_short_epochs_write_exactly_one_line_each():
@@ -172,3 +184,13 @@ def test_labelling_counts_images_of_all_workers_out_of_the_total():
 def test_images_are_counted_in_both_streams_of_a_two_stream_batch():
     batch = TwoStreamBatch({"image": torch.zeros(3, 1)}, {"image": torch.zeros(5, 1)})
     assert images_in(batch) == 8 and images_in({"image": torch.zeros(2, 1)}) == 2 and images_in({"x": torch.zeros(2)}) == 0
+
+
+@pytest.mark.parametrize("command", ["run", "final"])
+def test_no_progress_on_the_command_line_sets_the_switch_for_this_process_and_its_workers(monkeypatch, tmp_path, command):
+    from selftune.cli import main
+
+    monkeypatch.setenv(progress_module.ENV_SWITCH, "1")  # restored after the test
+    args = ["run", str(tmp_path / "missing.yaml")] if command == "run" else ["final", "--params", str(tmp_path / "p.yaml"), str(tmp_path / "missing.yaml")]
+    assert main([*args, "--no-progress"]) == 2  # the missing file ends it, after the switch was set
+    assert not progress_module.progress_wanted()

@@ -8,6 +8,12 @@ at most every ``LOG_EVERY_S`` and at most ``LOG_LINES`` times in all, so a log s
 filling up, and work shorter than ``LOG_EVERY_S`` writes nothing. Those lines never contain
 ``epoch e/E``: that token marks an epoch's result line only.
 
+Where it shows: ``selftune run`` in Ray Train's local mode (``workers: 0``) trains in the
+terminal's process, so a terminal gets the redrawn line. Ray workers' stdout is a file (Ray
+forwards it line by line), so with ``workers > 0`` and in a Ray job the log form applies. A
+search's trials are Ray workers whose output the search keeps off its terminal: their lines go
+only to the workers' Ray logs, and the search's own progress lines are unchanged.
+
 Only rank 0 writes. ``SELFTUNE_PROGRESS=0`` (``selftune run --no-progress``) turns it off.
 Images/s count all workers (rank 0's images times the workers; every rank draws the same batch
 sizes). Timing is host time without a device sync: over an epoch the two agree.
@@ -47,7 +53,7 @@ def _is_tty(stream: TextIO) -> bool:
 
 def format_duration(seconds: float) -> str:
     """``m:ss``, or ``h:mm:ss`` from an hour on."""
-    whole = max(0, int(round(seconds)))
+    whole = max(0, round(seconds))
     hours, rest = divmod(whole, 3600)
     minutes, secs = divmod(rest, 60)
     return f"{hours}:{minutes:02d}:{secs:02d}" if hours else f"{minutes}:{secs:02d}"
@@ -69,6 +75,7 @@ class ProgressLine:
         self.done = self.images = 0
         self.started = self._drawn = self._logged = 0.0
         self._width = 0  # of the line on the terminal, to erase it
+        self._tty = False
         self.log_lines = 0
 
     @property
@@ -80,6 +87,7 @@ class ProgressLine:
         self.done = self.images = self.log_lines = 0
         self.started = self._drawn = self._logged = self.clock()
         self._width = 0
+        self._tty = self.enabled and _is_tty(self.stream)  # once per piece of work: isatty is a system call
 
     def advance(self, count: int = 1, images: int = 0) -> None:
         if not self.enabled:
@@ -87,7 +95,7 @@ class ProgressLine:
         self.done += count
         self.images += images
         now = self.clock()
-        if _is_tty(self.stream):
+        if self._tty:
             if now - self._drawn >= REDRAW_S or self.done >= self.total:
                 self._redraw(now)
         elif self.done < self.total and now - self._logged >= self._log_interval(now):
@@ -144,11 +152,12 @@ class ProgressLine:
 
 
 class EpochProgress(Hook):
-    """The steps of each epoch as a ``ProgressLine``: ``  [stage] step 120/500 (epoch 3 of 8)  …``.
+    """The steps of each epoch as a ``ProgressLine``: ``  [stage] epoch 3 of 8:  step 120/500  …``.
 
     Put it after the hooks whose ``after_epoch`` takes time (evaluation) and right before the one
-    that prints the epoch's line: its ``after_epoch`` erases the terminal line. ``seconds`` and
-    ``images_per_s`` describe the epoch just trained, for that line."""
+    that prints the epoch's line: its ``after_epoch`` erases the terminal line. ``seconds`` (the
+    whole epoch) and ``rate`` (training images/s, the steps' time only) describe the epoch just
+    trained, for that line (``epoch_rate``)."""
 
     def __init__(self, stage_name: str, *, enabled: bool = True, workers: int = 1, stream: TextIO | None = None,
                  clock: Clock = time.perf_counter):
@@ -156,19 +165,22 @@ class EpochProgress(Hook):
         self.line = ProgressLine(stream, enabled=enabled and progress_wanted(), workers=workers, clock=clock)
         self.seconds = self.rate = 0.0
         self._images_before = 0
+        self._steps_ended = 0.0
 
     def before_epoch(self, state: TrainState, model: nn.Module) -> None:
         self.line.start(f"  [{self.stage_name}] epoch {state.epoch} of {state.epochs}:", state.steps_per_epoch)
-        self._images_before = state.images
+        self._images_before, self._steps_ended = state.images, self.line.started
 
     def after_step(self, state: TrainState, model: nn.Module) -> None:
         self.line.advance(1, state.images - self._images_before - self.line.images)
+        self._steps_ended = self.line.clock()
 
     def after_epoch(self, state: TrainState, model: nn.Module) -> None:
-        now = self.line.clock()
-        self.seconds = now - self.line.started
+        """The epoch's time (steps and the epoch's end: evaluation) and its training images/s (steps only)."""
+        self.seconds = self.line.clock() - self.line.started
+        stepping = self._steps_ended - self.line.started
         images = (state.images - self._images_before) * self.line.workers
-        self.rate = images / self.seconds if self.seconds > 0 else 0.0
+        self.rate = images / stepping if stepping > 0 else 0.0
         self.line.finish()
 
     def epoch_rate(self) -> str:
