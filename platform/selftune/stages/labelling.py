@@ -20,6 +20,7 @@ from torch import nn
 from selftune.data import IGNORE_INDEX, Sample, read_image, read_mask
 from selftune.engine.context import WorkerContext
 from selftune.engine.loop import to_device
+from selftune.engine.progress import counted
 from selftune.metrics import PseudoLabelQuality
 from selftune.models import load_checkpoint
 from selftune.stages.data import StageData, evaluation_loader, has_ground_truth
@@ -61,7 +62,7 @@ def label_samples(
     truth = has_ground_truth(samples)
     loader = evaluation_loader(data, samples, job.pipeline.data, ctx, masks="ground_truth" if truth else "none")
     quality = PseudoLabelQuality(data.num_classes)
-    for batch in loader:
+    for batch in counted(loader, f"  [{job.stage.name}] labelling", len(samples), enabled=ctx.is_main, workers=ctx.world_size):
         batch = to_device(batch, ctx.device)
         labels = labeller(model, batch)  # (B, H, W)
         for sample_id, sample_labels, (height, width) in zip(batch["id"], labels.cpu().numpy(), batch["size"].tolist()):
