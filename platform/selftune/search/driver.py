@@ -36,7 +36,7 @@ from selftune.search.summary import (
 from selftune.search.dashboard import dashboard_line
 from selftune.search.callbacks import Progress, TrialRunCloser, close_open_runs
 from selftune.search.searcher import StageAwareOptunaSearch
-from selftune.search.trial import OBJECTIVE, OWN_ERRORS, STAGE, TRIAL_ACTOR_CPUS, TrialContext, run_trial
+from selftune.search.trial import OBJECTIVE, OWN_ERRORS, RUNG, TRIAL_ACTOR_CPUS, TrialContext, rung_stages, run_trial
 from selftune.tracking import (
     NOT_LOGGED, RunTracker, absorb_not_logged, attempt, client, create_run, describe_not_logged, ensure_experiment,
     finish_run, not_logged, offline, require_reachable, take_not_logged, write_not_logged,
@@ -301,8 +301,9 @@ def make_scheduler(space: SearchSpace):
         return FIFOScheduler()
     if pbt.is_population_search(space):
         return pbt.make_population_scheduler(space)
+    pipeline = space.pipeline_for(space.default_sample())
     return ASHAScheduler(
-        time_attr=STAGE, max_t=space.stage_count(), grace_period=settings.grace_period,
+        time_attr=RUNG, max_t=sum(rung_stages(pipeline, space.config.objective.metric)), grace_period=settings.grace_period,
         reduction_factor=settings.reduction_factor,
     )
 

@@ -9,9 +9,11 @@ stage and calls ``ray.tune.report`` after each). Two details keep it cheap on sm
   worker process, ~0.1 s to start instead of 13-30 s for a worker group.
 * The stage cache: a stage already computed with the same effective inputs is reused.
 
-After every stage the trial reports ``stage`` (1-based, ASHA's time attribute, so rungs sit on
-stage boundaries) and ``objective`` (the objective metric if this stage produced it, else the
-latest training stage's ``val/miou``: comparable across trials at the same rung).
+After every stage the trial reports ``stage`` (1-based), ``objective`` (the objective metric if
+this stage produced it, else the latest training stage's ``select/miou``: comparable across
+trials at the same rung) and ``rung``, ASHA's time attribute: the stages done that measured the
+objective afresh (``rung_stages``). A labelling stage that does not measure it adds no rung, so
+ASHA never cuts trials twice on the same supervised value.
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ from typing import Any
 
 import yaml
 
-from selftune.config import PipelineConfig, ResourcesConfig, pipeline_to_dict
+from selftune.config import PipelineConfig, ResourcesConfig, TrainingStageConfig, pipeline_to_dict
 from selftune.errors import SelftuneError, failure_reason
 from selftune.runner import StageCache, StageResult, Tracking, in_process, run_stages, terminates
 from selftune.search import pbt
@@ -35,7 +37,8 @@ from selftune.tracking import RunTracker, attempt, client, create_run, not_logge
 
 KIND_TRIAL = "trial"
 OBJECTIVE = "objective"  # the Tune / Optuna metric name
-STAGE = "stage"  # ASHA's time attribute: stages completed
+STAGE = "stage"  # stages completed
+RUNG = "rung"  # ASHA's time attribute: stages completed that measured the objective afresh (rung_stages)
 TRIAL_ACTOR_CPUS = 0.01  # what a trial's own actor reserves (Tune refuses 0); it only waits on its stages
 OWN_ERRORS = "trial_errors"  # in the search folder: <trial id>.txt, why a trial failed when not by Ray's doing
 
@@ -62,6 +65,15 @@ def objective_value(metric: str, stage: StageResult, latest_select: float | None
     if own is None and metric.startswith(f"{stage.name}/"):
         own = stage.summary.get(metric.removeprefix(f"{stage.name}/"))
     return own if own is not None else latest_select
+
+
+def rung_stages(pipeline: PipelineConfig, objective: str) -> list[bool]:
+    """Per stage: whether it measures the objective afresh, so ASHA may compare trials after it —
+    a training stage (``select/miou`` of its own checkpoint), a stage whose own metric the
+    objective names (``pseudo_label/miou``), and the last stage (the final value)."""
+    last = len(pipeline.stages) - 1
+    return [isinstance(stage, TrainingStageConfig) or objective.startswith(f"{stage.name}/") or index == last
+            for index, stage in enumerate(pipeline.stages)]
 
 
 def run_trial(config: dict[str, Any], context: TrialContext) -> None:
@@ -161,7 +173,8 @@ def report_stage(
     hits = sum(r.hit and not r.resumed for r in results)  # reuses this session made
     value = objective_value(objective, result, latest_select)
     metrics = {
-        STAGE: index + 1, "stages_total": len(pipeline.stages), "cache_hits": hits, "cache_hit": int(result.hit),
+        STAGE: index + 1, "stages_total": len(pipeline.stages), RUNG: sum(rung_stages(pipeline, objective)[:index + 1]),
+        "cache_hits": hits, "cache_hit": int(result.hit),
         "trial_run_id": trial_run_id or "",
         **({"select/miou": latest_select, "val/miou": latest_val} if trained else {}),
         **{f"{result.name}/{k}": v for k, v in result.summary.items() if isinstance(v, (int, float))},
