@@ -98,8 +98,6 @@ def test_a_killed_gloo_worker_resumes_the_stage_from_its_last_epoch(tmp_path, tr
     assert stage.info.status == "FINISHED"
     for metric in ("train/loss", "val/pixel_accuracy"):  # logged once per epoch, by the epoch's hook only
         steps = [m.step for m in MlflowClient(tracking_uri).get_metric_history(stage.info.run_id, metric)]
-        # Each epoch once, except the epoch the kill interrupted after it was logged but before Ray
-        # Train had registered its checkpoint (asynchronous): that one epoch may be logged twice.
-        assert sorted(set(steps)) == [1, 2, 3, 4], (metric, steps)
-        twice = {step for step in steps if steps.count(step) > 1}
-        assert twice <= {summary["resumed_from_epoch"] + 1}, (metric, steps, summary["resumed_from_epoch"])
+        # Each epoch once, also the one the kill interrupted after it was logged but before Ray Train
+        # had registered its checkpoint (asynchronous): the restart trains it again without logging it.
+        assert sorted(steps) == [1, 2, 3, 4], (metric, steps, summary["resumed_from_epoch"])

@@ -14,6 +14,7 @@ from selftune.interrupts import sigterm_as_interrupt
 
 EXIT_BAD_INPUT = 2
 EXIT_INTERRUPTED = 130
+PROGRESS_SWITCH = "SELFTUNE_PROGRESS"  # selftune.engine.progress.ENV_SWITCH (not imported: it pulls in torch)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -24,6 +25,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("pipeline", help="pipeline YAML, e.g. pipelines/quickstart.yaml")
     _add_common(run)
     run.add_argument("--out", help="output folder (must be new or empty); default runs/<name>-<time>")
+    _add_no_progress(run)
 
     search = commands.add_parser("search", help="search a pipeline's values with Ray Tune + Optuna")
     search.add_argument("space", help="search space YAML, e.g. search_spaces/quickstart.yaml")
@@ -43,6 +45,7 @@ def build_parser() -> argparse.ArgumentParser:
     final.add_argument("pipeline", nargs="?", help="pipeline YAML (with --params; default with --from: the searched pipeline)")
     _add_common(final)
     final.add_argument("--out", help="output folder (must be new or empty); default runs/<name>-final-<time>")
+    _add_no_progress(final)
 
     datasets = commands.add_parser("datasets", help="built-in datasets")
     datasets_commands = datasets.add_subparsers(dest="dataset_command", required=True)
@@ -59,8 +62,15 @@ def _add_common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--tracking-uri", help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI or sqlite:///mlflow.db)")
 
 
+def _add_no_progress(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--no-progress", action="store_true",
+                        help="no step progress lines, only one line per epoch (same as SELFTUNE_PROGRESS=0)")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if getattr(args, "no_progress", False):
+        os.environ[PROGRESS_SWITCH] = "0"  # before Ray starts: its local workers inherit it
     _quiet_libraries()
     sigterm_as_interrupt()  # `ray job stop` and schedulers send SIGTERM: end runs as KILLED, like Ctrl-C
     try:

@@ -60,14 +60,14 @@ def test_the_interrupt_count_is_the_trials_that_ended():
     for trial in trials:
         trial.status = "TERMINATED"
     progress.on_experiment_end(trials)
-    assert progress.ended == 2
+    assert progress.ended_ids == {"t0", "t1"}
 
 
 def test_a_resumed_search_that_had_ended_counts_its_trials():
     # Tune takes no step when every restored trial has ended; the count comes from their states.
     progress = Progress(total=2, mode="max", say=lambda line: None)
     progress.on_experiment_end([SimpleNamespace(trial_id=f"t{i}", status="TERMINATED") for i in range(2)])
-    assert progress.ended == 2
+    assert len(progress.ended_ids) == 2
 
 
 def test_without_tunes_pickled_copy_the_error_files_last_line_names_the_cause(tmp_path):
@@ -80,3 +80,23 @@ def test_without_tunes_pickled_copy_the_error_files_last_line_names_the_cause(tm
                             error_file=str(text), last_result={"stage": 2, "stages_total": 3})
     assert trial_failure(trial, lambda config: ["supervised", "pseudo_label", "self_train"]) == \
         "stage self_train: training diverged: the loss became non-finite"
+
+
+def test_an_interrupt_ends_every_trial_run_that_had_not_ended_killed(tracking_uri):
+    """Tune stops a trial it tears down at its next report as it stops a finished one, and the
+    trial's own process then ends its run FINISHED: only the trials Tune saw end keep that."""
+    from mlflow import MlflowClient
+
+    from selftune.search.callbacks import close_open_runs
+    from selftune.tracking import create_run, ensure_experiment, finish_run
+
+    experiment = ensure_experiment(tracking_uri, "interrupted")
+    search = create_run(tracking_uri, experiment, name="search", kind="search")
+    runs = {trial: create_run(tracking_uri, experiment, name=f"trial-{trial}", kind="trial", parent_run_id=search,
+                              tags={"selftune.trial_id": trial}) for trial in ("ended", "torn_down", "running")}
+    finish_run(tracking_uri, runs["ended"], "FINISHED")
+    finish_run(tracking_uri, runs["torn_down"], "FINISHED")
+    close_open_runs(tracking_uri, experiment, search, "KILLED", "interrupted", ended_trials={"ended"})
+    status = {trial: MlflowClient(tracking_uri).get_run(run).info.status for trial, run in runs.items()}
+    assert status == {"ended": "FINISHED", "torn_down": "KILLED", "running": "KILLED"}
+    assert MlflowClient(tracking_uri).get_run(runs["torn_down"]).data.tags["selftune.error"] == "interrupted"

@@ -109,3 +109,11 @@ def test_margins_are_grey_so_that_white_not_kept_pixels_stand_out(tmp_path):
     title = picture[:_panels_top(picture, image)]
     assert {tuple(int(c) for c in title[0, 0]), tuple(int(c) for c in title[-1, -1])} == {BACKGROUND}
     assert BACKGROUND != IGNORE_COLOUR
+
+
+def test_not_kept_pixels_are_white_exactly_where_the_pseudo_label_is_255(tmp_path):
+    image, truth, pseudo = _example()
+    picture = np.array(Image.open(save_overlay(tmp_path / "o.png", image, [truth, pseudo], CLASSES, class_names=NAMES)).convert("RGB"))
+    top, left = _panels_top(picture, image), 2 * (W + GAP)  # the third panel: the pseudo label
+    white = (picture[top:top + H, left:left + W] == IGNORE_COLOUR).all(axis=2)
+    assert np.array_equal(white, pseudo == 255)

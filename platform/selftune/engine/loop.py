@@ -52,6 +52,7 @@ class TrainState:
     steps_per_epoch: int
     epoch: int = 0  # the epoch being trained, 1-based (0 before training)
     step: int = 0  # optimisation steps done so far, over all epochs
+    images: int = 0  # images this worker drew since this process started training (progress lines' images/s)
     losses: dict[str, float] = field(default_factory=dict)  # the last epoch's loss means
     metrics: dict[str, float] = field(default_factory=dict)  # the last epoch's metrics (hooks add to it)
     # What to checkpoint after an epoch (set by fit): hand it to ``ctx.report`` to make the epoch resumable.
@@ -126,6 +127,14 @@ def to_device(batch: Batch, device: torch.device) -> Batch:
     if hasattr(batch, "to") and not isinstance(batch, (Mapping, torch.Tensor)):
         return batch.to(device)
     return {k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+
+
+def images_in(batch: Batch) -> int:
+    """Images in a batch (a two-stream batch: both streams); 0 when it has no ``image``."""
+    if hasattr(batch, "labelled") and hasattr(batch, "unlabelled"):
+        return images_in(batch.labelled) + images_in(batch.unlabelled)
+    image = batch.get("image") if isinstance(batch, Mapping) else None
+    return int(image.shape[0]) if isinstance(image, torch.Tensor) else 0
 
 
 def fit(
@@ -225,7 +234,9 @@ def train_steps(
     totals: dict[str, torch.Tensor] = {}
     for _ in range(steps):
         _call(hooks, "before_step", state, model)
-        batch = to_device(next(batches), ctx.device)
+        batch = next(batches)
+        state.images += images_in(batch)
+        batch = to_device(batch, ctx.device)
         with ctx.autocast():
             terms = compute_losses(model, batch, state)
         loss = sum(terms.values())

@@ -133,11 +133,12 @@ class Progress(Callback):
         self._ended_ids: set[str] | None = None  # trials that ended (finished, stopped or failed), all sessions
 
     @property
-    def ended(self) -> int | None:
-        """How many trials ended, earlier sessions included. Not Tune's states at the end: on an
-        interrupt Tune marks every trial it tears down TERMINATED (after saving them as running),
-        and not their last report, by which an interrupted trial looks stopped."""
-        return None if self._ended_ids is None else len(self._ended_ids)
+    def ended_ids(self) -> set[str] | None:
+        """The trials that ended, earlier sessions included (None: stopped before Tune's first
+        step, so not known). Not Tune's states at the end: on an interrupt Tune marks every trial it tears down
+        TERMINATED (after saving them as running), and not their last report, by which an
+        interrupted trial looks stopped."""
+        return None if self._ended_ids is None else set(self._ended_ids)
 
     def on_step_begin(self, iteration, trials, **info) -> None:
         if self._ended_ids is None:  # the first step: trials a resumed search restored as ended
@@ -207,18 +208,25 @@ def _close_children(mlflow, parent_run_id: str, status: str, reason: str) -> Non
         mlflow.set_terminated(run.info.run_id, status)
 
 
-def close_open_runs(tracking_uri: str, experiment_id: str, search_run_id: str, status: str, reason: str) -> None:
+def close_open_runs(tracking_uri: str, experiment_id: str, search_run_id: str, status: str, reason: str,
+                    *, ended_trials: set[str] | None = None) -> None:
     """End every RUNNING trial and stage run under the search (after a crash or an interrupt);
-    what cannot be ended (the server is unreachable) is recorded as not logged."""
-    attempt(lambda: _close_open_runs(tracking_uri, experiment_id, search_run_id, status, reason),
+    what cannot be ended (the server is unreachable) is recorded as not logged. With
+    ``ended_trials`` (an interrupt, where Tune knows which trials ended), a trial run outside it
+    ends ``status`` even if its own process ended it FINISHED: Tune's teardown stops a trial at
+    its next report the way it stops a finished one (``SystemExit(0)``)."""
+    attempt(lambda: _close_open_runs(tracking_uri, experiment_id, search_run_id, status, reason, ended_trials),
             tracking_uri, "end", f"end the search's open runs as {status}", run=search_run_id)
 
 
-def _close_open_runs(tracking_uri: str, experiment_id: str, search_run_id: str, status: str, reason: str) -> None:
+def _close_open_runs(tracking_uri: str, experiment_id: str, search_run_id: str, status: str, reason: str,
+                     ended_trials: set[str] | None) -> None:
     mlflow = client(tracking_uri)
     trials = mlflow.search_runs([experiment_id], filter_string=f"tags.`mlflow.parentRunId` = '{search_run_id}'", max_results=10_000)
     for trial in trials:
         _close_children(mlflow, trial.info.run_id, status, reason)
-        if trial.info.status == "RUNNING":
+        torn_down = (ended_trials is not None and trial.info.status == "FINISHED"
+                     and trial.data.tags.get("selftune.kind") == "trial" and trial.data.tags.get("selftune.trial_id") not in ended_trials)
+        if trial.info.status == "RUNNING" or torn_down:
             mlflow.set_tag(trial.info.run_id, "selftune.error", reason)
             mlflow.set_terminated(trial.info.run_id, status)

@@ -36,7 +36,7 @@ from selftune.search.summary import (
 from selftune.search.dashboard import dashboard_line
 from selftune.search.callbacks import Progress, TrialRunCloser, close_open_runs
 from selftune.search.searcher import StageAwareOptunaSearch
-from selftune.search.trial import OBJECTIVE, OWN_ERRORS, STAGE, TRIAL_ACTOR_CPUS, TrialContext, run_trial
+from selftune.search.trial import OBJECTIVE, OWN_ERRORS, RUNG, TRIAL_ACTOR_CPUS, TrialContext, rung_stages, run_trial
 from selftune.tracking import (
     NOT_LOGGED, RunTracker, absorb_not_logged, attempt, client, create_run, describe_not_logged, ensure_experiment,
     finish_run, not_logged, offline, require_reachable, take_not_logged, write_not_logged,
@@ -91,7 +91,7 @@ def run_search(
     started = time.monotonic()
     mark = len(not_logged())
     try:
-        results, ended = _fit(space, folder, state, tracking_uri, resume, progress)
+        results, ended_ids = _fit(space, folder, state, tracking_uri, resume, progress)
     except BaseException as error:
         if isinstance(error, KeyboardInterrupt):
             close_open_runs(tracking_uri, state["experiment_id"], run_id, "KILLED", "interrupted")
@@ -106,10 +106,11 @@ def run_search(
                                           tracking_uri, "read", "read the trial runs back", run=run_id, default=[])
     _gather_trials_not_logged(folder)
     rows = merge_rows(logged, reported_rows(results), prefer_reported=len(not_logged()) > mark or offline())
+    ended = len(ended_ids or ())
     if _interrupted(space, ended, started):
         # Tune ends fit() quietly on Ctrl-C (and SIGTERM), after saving its state: say so, and keep it resumable.
         reason = f"interrupted after {ended} of {expected_trials(space)} trials; continue with --resume"
-        close_open_runs(tracking_uri, state["experiment_id"], run_id, "KILLED", reason)
+        close_open_runs(tracking_uri, state["experiment_id"], run_id, "KILLED", reason, ended_trials=ended_ids)
         finish_run(tracking_uri, run_id, "KILLED", reason=reason)
         _say(save_not_logged(folder, mark), folder, tracking_uri, progress)
         raise KeyboardInterrupt(reason)
@@ -238,7 +239,7 @@ def _fit(space: SearchSpace, folder: Path, state: dict[str, Any], tracking_uri: 
             ),
         )
     results = tuner.fit()
-    return results, progress_callback.ended or 0  # None: stopped before its first step
+    return results, progress_callback.ended_ids
 
 
 def _drop_no_round_line(record: logging.LogRecord) -> bool:
@@ -300,8 +301,9 @@ def make_scheduler(space: SearchSpace):
         return FIFOScheduler()
     if pbt.is_population_search(space):
         return pbt.make_population_scheduler(space)
+    pipeline = space.pipeline_for(space.default_sample())
     return ASHAScheduler(
-        time_attr=STAGE, max_t=space.stage_count(), grace_period=settings.grace_period,
+        time_attr=RUNG, max_t=sum(rung_stages(pipeline, space.config.objective.metric)), grace_period=settings.grace_period,
         reduction_factor=settings.reduction_factor,
     )
 

@@ -119,7 +119,7 @@ class SearcherConfig(_Strict):
 class SchedulerConfig(_Strict):
     name: Literal["none", "asha", "pbt", "pb2"] = "asha"
     # asha: stops weak trials at stage boundaries
-    grace_period: int = Field(1, ge=1)  # stages a trial always runs before it can be stopped
+    grace_period: int = Field(1, ge=1)  # rungs (stages that measure the objective) a trial always runs before it can be stopped
     reduction_factor: int = Field(2, ge=2)
     # pbt, pb2: a population over the rounds of a curriculum (selftune.search.pbt)
     population: int = 4  # the trials (budget.num_samples does not apply)

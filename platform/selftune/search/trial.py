@@ -9,9 +9,11 @@ stage and calls ``ray.tune.report`` after each). Two details keep it cheap on sm
   worker process, ~0.1 s to start instead of 13-30 s for a worker group.
 * The stage cache: a stage already computed with the same effective inputs is reused.
 
-After every stage the trial reports ``stage`` (1-based, ASHA's time attribute, so rungs sit on
-stage boundaries) and ``objective`` (the objective metric if this stage produced it, else the
-latest training stage's ``val/miou``: comparable across trials at the same rung).
+After every stage the trial reports ``stage`` (1-based), ``objective`` (the objective metric if
+this stage produced it, else the latest training stage's ``select/miou``: comparable across
+trials at the same rung) and ``rung``, ASHA's time attribute: the stages done that measured the
+objective afresh (``rung_stages``). A labelling stage that does not measure it adds no rung, so
+ASHA never cuts trials twice on the same supervised value.
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ from typing import Any
 
 import yaml
 
-from selftune.config import PipelineConfig, ResourcesConfig, pipeline_to_dict
+from selftune.config import PipelineConfig, ResourcesConfig, TrainingStageConfig, pipeline_to_dict
 from selftune.errors import SelftuneError, failure_reason
 from selftune.runner import StageCache, StageResult, Tracking, in_process, run_stages, terminates
 from selftune.search import pbt
@@ -35,7 +37,8 @@ from selftune.tracking import RunTracker, attempt, client, create_run, not_logge
 
 KIND_TRIAL = "trial"
 OBJECTIVE = "objective"  # the Tune / Optuna metric name
-STAGE = "stage"  # ASHA's time attribute: stages completed
+STAGE = "stage"  # stages completed
+RUNG = "rung"  # ASHA's time attribute: stages completed that measured the objective afresh (rung_stages)
 TRIAL_ACTOR_CPUS = 0.01  # what a trial's own actor reserves (Tune refuses 0); it only waits on its stages
 OWN_ERRORS = "trial_errors"  # in the search folder: <trial id>.txt, why a trial failed when not by Ray's doing
 
@@ -62,6 +65,15 @@ def objective_value(metric: str, stage: StageResult, latest_select: float | None
     if own is None and metric.startswith(f"{stage.name}/"):
         own = stage.summary.get(metric.removeprefix(f"{stage.name}/"))
     return own if own is not None else latest_select
+
+
+def rung_stages(pipeline: PipelineConfig, objective: str) -> list[bool]:
+    """Per stage: whether it measures the objective afresh, so ASHA may compare trials after it —
+    a training stage (``select/miou`` of its own checkpoint), a stage whose own metric the
+    objective names (``pseudo_label/miou``), and the last stage (the final value)."""
+    last = len(pipeline.stages) - 1
+    return [isinstance(stage, TrainingStageConfig) or objective.startswith(f"{stage.name}/") or index == last
+            for index, stage in enumerate(pipeline.stages)]
 
 
 def run_trial(config: dict[str, Any], context: TrialContext) -> None:
@@ -121,7 +133,7 @@ class TrialState:
 
 def _run_stages(config: dict[str, Any], context: TrialContext, trial_id: str, pipeline: PipelineConfig, start: TrialState) -> None:
     space = context.space
-    trial_run_id = _trial_run(context, trial_id, config, pipeline)
+    trial_run_id, reported = _trial_run(context, trial_id, config, pipeline)
     tracker = RunTracker(context.tracking_uri, trial_run_id)
     # Without the shared cache a trial still caches for itself, so a resumed trial skips its done stages.
     cache = StageCache(context.cache_root if space.config.stage_cache else Path(context.cache_root) / trial_id)
@@ -132,7 +144,8 @@ def _run_stages(config: dict[str, Any], context: TrialContext, trial_id: str, pi
         metrics = population.after_stage(pipeline, result, results) if population else {}
         if population:
             state["realised"] = population.realised
-        report_stage(result, results, pipeline, space.config.objective.metric, tracker, trial_run_id, state=state, extra=metrics)
+        report_stage(result, results, pipeline, space.config.objective.metric, tracker, trial_run_id, state=state,
+                     extra=metrics, logged=result.index in reported)
 
     with terminates(context.tracking_uri, trial_run_id):
         run_stages(
@@ -145,9 +158,12 @@ def _run_stages(config: dict[str, Any], context: TrialContext, trial_id: str, pi
 def report_stage(
     result: StageResult, results: list[StageResult], pipeline: PipelineConfig, objective: str,
     tracker: RunTracker, trial_run_id: str | None, *, state: dict[str, Any] | None = None, extra: dict[str, Any] | None = None,
+    logged: bool = False,
 ) -> None:
     """After a stage: the trial run's metrics and the Tune report (ASHA's rung, the objective),
-    with a checkpoint of ``state`` (stages done, and what a restart needs besides)."""
+    with a checkpoint of ``state`` (stages done, and what a restart needs besides). ``logged``: an
+    earlier session logged this stage's trial metrics already (it ended before Tune's snapshot
+    saw the report), so only Tune hears it again."""
     import ray.tune
 
     index = result.index
@@ -157,18 +173,19 @@ def report_stage(
     hits = sum(r.hit and not r.resumed for r in results)  # reuses this session made
     value = objective_value(objective, result, latest_select)
     metrics = {
-        STAGE: index + 1, "stages_total": len(pipeline.stages), "cache_hits": hits, "cache_hit": int(result.hit),
+        STAGE: index + 1, "stages_total": len(pipeline.stages), RUNG: sum(rung_stages(pipeline, objective)[:index + 1]),
+        "cache_hits": hits, "cache_hit": int(result.hit),
         "trial_run_id": trial_run_id or "",
         **({"select/miou": latest_select, "val/miou": latest_val} if trained else {}),
         **{f"{result.name}/{k}": v for k, v in result.summary.items() if isinstance(v, (int, float))},
         **(extra or {}),
     }
-    tracker.log_metrics({"cache_hits": hits}, step=index)
     if value is not None and math.isfinite(value):
         metrics[OBJECTIVE] = value
-        tracker.log_metrics({OBJECTIVE: value}, step=index)
-    if index == len(pipeline.stages) - 1 and latest_val is not None:
-        tracker.log_metrics({"val/miou": latest_val, "select/miou": latest_select})
+    if not logged:
+        tracker.log_metrics({"cache_hits": hits, **({OBJECTIVE: metrics[OBJECTIVE]} if OBJECTIVE in metrics else {})}, step=index)
+        if index == len(pipeline.stages) - 1 and latest_val is not None:
+            tracker.log_metrics({"val/miou": latest_val, "select/miou": latest_select})
     with tempfile.TemporaryDirectory() as tmp:
         (Path(tmp) / "state.json").write_text(json.dumps({**(state or {}), "stages_done": index + 1}))
         ray.tune.report(metrics, checkpoint=ray.tune.Checkpoint.from_directory(tmp))
@@ -255,9 +272,10 @@ class PopulationTrial:
         pbt.write_trial_record(self.folder, self.trial_id, self.record)
 
 
-def _trial_run(context: TrialContext, trial_id: str, config: dict[str, Any], pipeline: PipelineConfig) -> str | None:
-    """The trial's MLflow run; a resumed trial finds and reopens its run instead of making a second.
-    None when the server went away (the trial runs untracked; see selftune.tracking.runs)."""
+def _trial_run(context: TrialContext, trial_id: str, config: dict[str, Any], pipeline: PipelineConfig) -> tuple[str | None, set[int]]:
+    """The trial's MLflow run and the stage indices it has reported (``cache_hits`` steps); a
+    resumed trial finds and reopens its run instead of making a second. None when the server went
+    away (the trial runs untracked; see selftune.tracking.runs)."""
     mlflow = client(context.tracking_uri)
     existing = attempt(lambda: mlflow.search_runs(
         [context.experiment_id],
@@ -273,7 +291,9 @@ def _trial_run(context: TrialContext, trial_id: str, config: dict[str, Any], pip
                 mlflow.delete_tag(run_id, "selftune.error")
 
         attempt(reopen, context.tracking_uri, "tag", "reopen as RUNNING", run=run_id)
-        return run_id
+        history = attempt(lambda: mlflow.get_metric_history(run_id, "cache_hits"), context.tracking_uri, "read",
+                          f"read trial {trial_id}'s reported stages", run=run_id, default=[])
+        return run_id, {point.step for point in history}
     run_id = create_run(
         context.tracking_uri, context.experiment_id, name=f"trial-{trial_id}", kind=KIND_TRIAL,
         parent_run_id=context.search_run_id,
@@ -285,4 +305,4 @@ def _trial_run(context: TrialContext, trial_id: str, config: dict[str, Any], pip
         path = Path(tmp) / "pipeline.yaml"
         path.write_text(yaml.safe_dump(pipeline_to_dict(pipeline), sort_keys=False))
         tracker.log_artifact(path)
-    return run_id
+    return run_id, set()

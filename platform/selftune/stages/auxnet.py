@@ -45,7 +45,7 @@ from selftune.metrics.confusion import all_reduce_sum_
 from selftune.stages.data import StageData, evaluation_loader, prepare_data, training_loader
 from selftune.stages.job import CHECKPOINT, StageJob
 from selftune.stages.labelling import label_and_measure, load_model
-from selftune.stages.training import KeepBest, LogEpoch, ReportEpoch, steps_per_epoch
+from selftune.stages.training import KeepBest, ReportEpoch, epoch_lines, steps_per_epoch
 
 AUX_WEIGHTS, AUX_CONFIG = "auxnet.pt", "auxnet.json"
 AUC_BINS = 1000  # sigmoid scores histogrammed per worker, summed, then the AUC
@@ -203,7 +203,7 @@ def run_aux_confidence(job: StageJob, ctx: WorkerContext) -> dict[str, Any]:
     )
     # Ranked on the selection images (val under the papers' protocol), never on the reported ones alone.
     hooks = [EvaluateAux(seg, evaluation_loader(data, data.selection, config, ctx), ctx), keep,
-             ReportEpoch(ctx), LogEpoch(ctx, stage.name, shown="aux/val_auc")]
+             ReportEpoch(ctx), *epoch_lines(ctx, stage.name, shown="aux/val_auc")]
     fit(AuxiliaryConfidenceNet(**architecture), batches, epochs=stage.epochs, steps_per_epoch=steps,
         compute_losses=aux_loss_terms(seg, ctx, frequency, stage.c, gamma), optimizer=stage.optimizer, ctx=ctx, hooks=hooks)
     best = {k: v for k, v in keep.best_metrics.items() if k.startswith("aux/")}

@@ -23,6 +23,7 @@ from torch import nn
 from selftune.data import IGNORE_INDEX, Sample, prefetched, read_image, read_mask
 from selftune.engine.context import WorkerContext
 from selftune.engine.loop import to_device
+from selftune.engine.progress import counted
 from selftune.errors import DataError
 from selftune.metrics import PseudoLabelQuality
 from selftune.metrics.pseudo_labels import value_pair_counts
@@ -124,7 +125,8 @@ def label_samples(
                                one_pass=True)
     quality = PseudoLabelQuality(data.num_classes)
     with LabelWriter(out) as writer, closing(prefetched(loader)) as batches:  # both stop if the loop fails
-        for batch in batches:
+        for batch in counted(batches, f"  [{job.stage.name}] labelling", len(samples), enabled=ctx.is_main,
+                             workers=ctx.world_size):
             masks = batch["mask"].numpy() if truth else None  # the loader's CPU copy
             labels = labeller(model, to_device(batch, ctx.device))  # (B, H, W), 255 = not kept
             if labels.device.type != "cpu":

@@ -38,6 +38,7 @@ from selftune.config.schema import Fraction01
 from selftune.data import cycle, read_mask, st_plus_plus_augmentation, weak_augmentation
 from selftune.engine.context import WorkerContext
 from selftune.engine.loop import Hook, TrainState, to_device, unwrap
+from selftune.engine.progress import counted
 from selftune.errors import ConfigError
 from selftune.methods.st_plus_plus import per_image_miou, snapshot_epochs, split_reliable, stability_scores
 from selftune.metrics import PseudoLabelQuality
@@ -156,7 +157,7 @@ def score_images(
     loader = evaluation_loader(data, data.unlabelled, job.pipeline.data, ctx, masks="ground_truth" if truth_known else "none",
                                one_pass=True)  # each image read once: no decode cache
     rows: list[tuple[int, float, float]] = []
-    for batch in loader:
+    for batch in counted(loader, f"  [{job.stage.name}] scoring", len(data.unlabelled), enabled=ctx.is_main, workers=ctx.world_size):
         batch = to_device(batch, ctx.device)
         padding = ~batch["valid"]  # (B, H, W) pixels added by pad_collate
         masks = []

@@ -5,7 +5,7 @@ reported, one progress line per epoch — and the stage summary.
 A training stage only says which network to train, which batches to draw and how to turn a batch
 into loss terms, plus any hooks of its own (an EMA teacher, snapshots, online label quality).
 Standard hooks run after the stage's own, in this order: ``EvaluateOnVal``, the stage's hooks,
-``KeepBest``, ``ReportEpoch``, ``LogEpoch``: an epoch is reported (on a worker group, with the
+``KeepBest``, ``ReportEpoch``, ``EpochProgress``, ``LogEpoch``: an epoch is reported (on a worker group, with the
 checkpoint a restarted group resumes from) before its metrics are logged, so a restart never logs
 an epoch twice.
 """
@@ -23,6 +23,7 @@ from selftune.config import ClassWeighting
 from selftune.data import read_mask
 from selftune.engine.context import WorkerContext
 from selftune.engine.loop import Batch, Hook, LossFn, TrainState, evaluate, fit, unwrap
+from selftune.engine.progress import EpochProgress
 from selftune.methods.auxnet import enet_class_weights
 from selftune.metrics import ConfusionMatrix, plot_confusion_matrix
 from selftune.models import build_model, load_checkpoint, save_checkpoint
@@ -132,23 +133,47 @@ class BestConfusion(Hook):
 
 
 class LogEpoch(Hook):
-    """The epoch's metrics to the stage's MLflow run (step = epoch) and one line on the console."""
+    """The epoch's metrics to the stage's MLflow run (step = epoch) and one line on the console,
+    with the epoch's time and images/s from ``progress`` (the hook that shows its steps)."""
 
-    def __init__(self, ctx: WorkerContext, stage_name: str, shown: str = "val/miou"):
+    def __init__(self, ctx: WorkerContext, stage_name: str, shown: str = "val/miou", progress: EpochProgress | None = None):
         self.ctx, self.stage_name, self.shown = ctx, stage_name, shown
+        self.progress = progress
         self.started = time.perf_counter()
+        self.logged: set[int] = set()  # epochs an earlier attempt of this worker group logged
+
+    def before_train(self, state: TrainState, model: nn.Module) -> None:
+        """A restarted worker group: each epoch's metrics stay logged once. Ray Train registers a
+        reported checkpoint asynchronously, so the group may restart from the epoch before the
+        last one it logged (that epoch is then trained again, and not logged again); and the last
+        attempt may have died between reporting an epoch and logging it (logged now)."""
+        if self.ctx.attempt <= 1 or not self.ctx.is_main:
+            return
+        self.logged = self.ctx.tracker.logged_steps("train/loss")
+        if state.epoch and state.epoch not in self.logged and state.metrics:
+            self.ctx.tracker.log_metrics(state.metrics, step=state.epoch)
+            self.logged.add(state.epoch)
 
     def before_epoch(self, state: TrainState, model: nn.Module) -> None:
         self.started = time.perf_counter()
 
     def after_epoch(self, state: TrainState, model: nn.Module) -> None:
-        self.ctx.tracker.log_metrics(state.metrics, step=state.epoch)
+        if state.epoch not in self.logged:
+            self.ctx.tracker.log_metrics(state.metrics, step=state.epoch)
         value = state.metrics.get(self.shown, float("nan"))
         label = {"val/miou": "val mIoU"}.get(self.shown, self.shown)
+        timing = self.progress.epoch_rate() if self.progress else f"{time.perf_counter() - self.started:.1f}s"
         self.ctx.log(
             f"  [{self.stage_name}] epoch {state.epoch}/{state.epochs}  loss {state.losses['loss']:.4f}  "
-            f"{label} {value:.4f}  ({time.perf_counter() - self.started:.1f}s)"
+            f"{label} {value:.4f}  ({timing})"
         )
+
+
+def epoch_lines(ctx: WorkerContext, stage_name: str, shown: str = "val/miou") -> list[Hook]:
+    """The last hooks of a stage: its steps' progress line, erased (after evaluation) just before
+    ``LogEpoch`` logs the epoch and prints its line."""
+    progress = EpochProgress(stage_name, enabled=ctx.is_main, workers=ctx.world_size)
+    return [progress, LogEpoch(ctx, stage_name, shown, progress=progress)]
 
 
 class ReportEpoch(Hook):
@@ -191,7 +216,7 @@ def train_network(
     state = fit(
         network, batches, epochs=stage.epochs, steps_per_epoch=steps_per_epoch, compute_losses=compute_losses,
         optimizer=stage.optimizer, ctx=ctx,
-        hooks=[evaluation, *hooks, keep, best_confusion, ReportEpoch(ctx), LogEpoch(ctx, stage.name)],
+        hooks=[evaluation, *hooks, keep, best_confusion, ReportEpoch(ctx), *epoch_lines(ctx, stage.name)],
     )
     # Online labelling (U2PL) reports label quality per epoch; the stage summary keeps the last.
     labelling = {k: v for k, v in state.metrics.items()

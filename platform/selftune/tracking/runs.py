@@ -260,6 +260,14 @@ class RunTracker:
             self._send("metrics", f"metrics {', '.join(m.key for m in batch)} (step {step or 0})",
                        lambda: self.client.log_batch(self.run_id, metrics=batch))
 
+    def logged_steps(self, key: str) -> set[int]:
+        """The steps at which ``key`` has been logged to this run (none when it cannot be read)."""
+        if self.run_id is None:
+            return set()
+        history = attempt(lambda: self.client.get_metric_history(self.run_id, key), self.tracking_uri, "read",
+                          f"metric history {key}", run=self.run_id, default=[])
+        return {point.step for point in history}
+
     def log_params(self, params: Mapping[str, Any]) -> None:
         from mlflow.entities import Param
 
@@ -329,6 +337,9 @@ class NullTracker:
 
     def log_metrics(self, metrics: Mapping[str, float], step: int | None = None) -> None:
         pass
+
+    def logged_steps(self, key: str) -> set[int]:
+        return set()
 
     def log_params(self, params: Mapping[str, Any]) -> None:
         pass
