@@ -194,3 +194,20 @@ def test_no_progress_on_the_command_line_sets_the_switch_for_this_process_and_it
     args = ["run", str(tmp_path / "missing.yaml")] if command == "run" else ["final", "--params", str(tmp_path / "p.yaml"), str(tmp_path / "missing.yaml")]
     assert main([*args, "--no-progress"]) == 2  # the missing file ends it, after the switch was set
     assert not progress_module.progress_wanted()
+
+
+def test_a_worker_line_does_not_go_through_print(monkeypatch, capsys):
+    """Ray Train replaces ``print`` in its workers with one that prints and also logs (each epoch
+    line showed twice on a terminal with ``workers > 0``); the context writes to stdout itself."""
+    import builtins
+
+    from selftune.engine.context import WorkerContext
+
+    def patched_print(*args, **kwargs):
+        raise AssertionError("ctx.log went through print")
+
+    monkeypatch.setattr(builtins, "print", patched_print)
+    WorkerContext.local("cpu").log("  [supervised] epoch 1/2  loss 0.5")
+    WorkerContext(rank=1).log("from rank 1")
+    monkeypatch.undo()
+    assert capsys.readouterr().out == "  [supervised] epoch 1/2  loss 0.5\n"

@@ -5,6 +5,7 @@ PyTorch use (benchmarks, tests, the GPU box without Ray)."""
 
 from __future__ import annotations
 
+import sys
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from typing import Any, Callable, ContextManager, Mapping
@@ -61,5 +62,8 @@ class WorkerContext:
         return torch.autocast("cuda", dtype=dtype)
 
     def log(self, message: str) -> None:
+        """One line on rank 0's stdout. Not ``print``: Ray Train patches it in its workers to
+        both print and log each message, which a terminal then showed twice."""
         if self.is_main:
-            print(message, flush=True)
+            sys.stdout.write(message + "\n")
+            sys.stdout.flush()
