@@ -26,8 +26,10 @@ def test_quickstart_with_two_gloo_workers(tmp_path, tracking_uri, small_syntheti
         [sys.executable, "-m", "selftune", "run", QUICKSTART, *quickstart_overrides(epochs=3, steps=15),
          "--set", f"data.root={small_synthetic}", "--set", "resources.workers=2", "--out", str(out), "--tracking-uri", tracking_uri, "--experiment", "ddp"],
         capture_output=True, text=True, timeout=600,
+        env={**os.environ, "OMP_NUM_THREADS": "2"},  # what a worker inherits; its 1 CPU must win
     )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert json.loads((out / "0-supervised" / "summary.json").read_text())["torch_threads"] == 1
     mlflow.set_tracking_uri(tracking_uri)
     runs = mlflow.search_runs(experiment_names=["ddp"], output_format="list")
     stages = {r.data.tags["selftune.stage"]: r for r in runs if r.data.tags.get("selftune.kind") == "stage"}
@@ -93,6 +95,7 @@ def test_a_killed_gloo_worker_resumes_the_stage_from_its_last_epoch(tmp_path, tr
 
     summary = json.loads((out / "0-supervised" / "summary.json").read_text())
     assert summary["restarts"] >= 1 and summary["resumed_from_epoch"] >= 1, summary
+    assert summary["torch_threads"] == 1  # a worker's torch threads follow its CPUs (0.5 here: at least one)
     (stage,) = MlflowClient(tracking_uri).search_runs(
         [MlflowClient(tracking_uri).get_experiment_by_name(spec["name"]).experiment_id],
         filter_string="tags.`selftune.kind` = 'stage'")

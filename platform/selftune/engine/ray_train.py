@@ -48,7 +48,8 @@ def run_on_ray_train(order: WorkOrder, resources: ResourcesConfig, *, name: str,
     group = resources.workers > 0  # a worker group can lose a worker (or a node) and be restarted
     trainer = TorchTrainer(
         train_loop_per_worker,
-        train_loop_config={"order": order, "precision": resources.precision, "restartable": group},
+        train_loop_config={"order": order, "precision": resources.precision, "restartable": group,
+                           "threads": max(1, int(resources.cpus_per_worker))},
         scaling_config=ray.train.ScalingConfig(
             num_workers=resources.workers,
             use_gpu=resources.use_gpu,
@@ -80,6 +81,10 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     import ray.train.torch
 
     order: WorkOrder = config["order"]
+    if config["restartable"]:  # a worker process of a group: as many torch threads as its CPUs
+        import torch  # (Ray's OMP_NUM_THREADS or the user's may say otherwise; local mode keeps the caller's)
+
+        torch.set_num_threads(config["threads"])
     ray_context = ray.train.get_context()
     rank, world_size = ray_context.get_world_rank(), ray_context.get_world_size()
     tracker = RunTracker(order.tracking_uri, order.run_id) if rank == 0 and order.run_id else NullTracker()

@@ -230,9 +230,12 @@ def in_process(resources: ResourcesConfig, *, storage: Callable[[StageJob], Path
 
 def run_stage_on_worker(job: StageJob, ctx: WorkerContext) -> None:
     """What every Ray Train worker runs: the kind's function; rank 0 hands its summary back."""
+    import torch
+
     summary = stage_kind(job.stage.kind).run(job, ctx)
     if ctx.is_main and ctx.restartable:  # whether Ray Train had to restart the worker group, and from where
-        summary = {**summary, "restarts": ctx.attempt - 1, "resumed_from_epoch": ctx.resumed_from_epoch}
+        summary = {**summary, "restarts": ctx.attempt - 1, "resumed_from_epoch": ctx.resumed_from_epoch,
+                   "torch_threads": torch.get_num_threads()}
     if ctx.is_main:
         job.write_json(RESULT, summary)
 
