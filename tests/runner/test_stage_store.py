@@ -63,8 +63,14 @@ def test_the_store_is_selftune_stage_store_else_under_selftune_storage_else_runs
     monkeypatch.delenv("SELFTUNE_STAGE_STORE")
     monkeypatch.delenv("SELFTUNE_STORAGE", raising=False)
     assert default_store_root() == tmp_path / "runs" / "stages"
-    monkeypatch.setenv("SELFTUNE_STORAGE", "/shared/ray_results")  # the compose stack's shared volume
-    assert default_store_root() == Path("/shared/ray_results/stages")
+    import yaml
+
+    compose = yaml.safe_load((REPO / "docker" / "compose.yaml").read_text())
+    head = compose["services"]["ray-head"]
+    monkeypatch.setenv("SELFTUNE_STORAGE", head["environment"]["SELFTUNE_STORAGE"])  # on the shared volume
+    shared = next(mount.split(":")[1] for mount in head["volumes"] if mount.startswith("shared:"))
+    assert default_store_root() == Path(head["environment"]["SELFTUNE_STORAGE"]) / "stages"
+    assert default_store_root().is_relative_to(shared)
     monkeypatch.setenv("SELFTUNE_STAGE_STORE", str(tmp_path / "elsewhere"))
     assert default_store_root() == tmp_path / "elsewhere"
     assert default_store_root("given") == tmp_path / "given"
