@@ -91,7 +91,7 @@ def run_search(
     require_reachable(tracking_uri)  # fail fast, before any folder or run exists
     folder = search_folder(space, out_root, resume)
     state = _open_search_run(space, folder, tracking_uri, experiment, resume, store)
-    state.setdefault("store", str(default_store_root(store)))  # a search resumed from before the shared store
+    state.setdefault("store", str(folder / "stage-cache"))  # resumed from before the shared store: where its stages are
     run_id = state["search_run_id"]
     progress(f"search {space.name}: folder {folder}; MLflow search run {run_id}")
     started = time.monotonic()
