@@ -1,5 +1,5 @@
-"""Shared fixtures: every test gets its own synthetic-data cache, MLflow store and Ray token home,
-so tests never touch the user's ~/.cache, ~/.ray or ./mlflow.db."""
+"""Shared fixtures: every test gets its own synthetic-data cache, MLflow store, Ray token home and
+stage store, so tests never touch the user's ~/.cache, ~/.ray, ./mlflow.db or runs/stages."""
 
 from __future__ import annotations
 
@@ -13,8 +13,19 @@ def session_home(tmp_path_factory) -> Path:
     return tmp_path_factory.mktemp("home")
 
 
+@pytest.fixture(autouse=True, scope="module")
+def module_stage_store(tmp_path_factory):
+    """A stage store per module, for module-scoped fixtures (set up before any test's own): the
+    runs of one module's fixture share it, and no module reuses another's stages."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("SELFTUNE_STAGE_STORE", str(tmp_path_factory.mktemp("stages")))
+        yield
+
+
 @pytest.fixture(autouse=True)
-def isolated_environment(monkeypatch, session_home, tmp_path_factory):
+def isolated_environment(monkeypatch, session_home, tmp_path_factory, module_stage_store):
+    # Each test's runs compute their stages (a test that wants reuse runs twice within itself).
+    monkeypatch.setenv("SELFTUNE_STAGE_STORE", str(tmp_path_factory.mktemp("stages")))
     # One synthetic cache for the whole session: generating it once is the point of a cache.
     monkeypatch.setenv("SELFTUNE_CACHE", str(session_home / "cache"))
     monkeypatch.setenv("HOME", str(session_home))  # Ray writes its auth token to ~/.ray

@@ -47,6 +47,17 @@ def build_parser() -> argparse.ArgumentParser:
     final.add_argument("--out", help="output folder (must be new or empty); default runs/<name>-final-<time>")
     _add_no_progress(final)
 
+    store = commands.add_parser("store", help="the stage store runs, searches and finals share: list, prune")
+    store_commands = store.add_subparsers(dest="store_command", required=True)
+    listing = store_commands.add_parser("list", help="every stored stage: key, size, last use, users, what needs it")
+    listing.add_argument("--store", help=STORE_HELP)
+    pruning = store_commands.add_parser("prune", help="delete stored stages by age or to a size budget "
+                                                      "(never one a run holds, a registered model or a search's best trial needs)")
+    pruning.add_argument("--store", help=STORE_HELP)
+    pruning.add_argument("--older-than", metavar="AGE", help="delete stages unused for AGE, e.g. 30d, 12h")
+    pruning.add_argument("--max-size", metavar="SIZE", help="then the least recently used until the store holds at most SIZE, e.g. 50G")
+    pruning.add_argument("--dry-run", action="store_true", help="say what would be deleted; delete nothing")
+
     datasets = commands.add_parser("datasets", help="built-in datasets")
     datasets_commands = datasets.add_subparsers(dest="dataset_command", required=True)
     synth = datasets_commands.add_parser("synth", help="write the built-in synthetic dataset in the folder format")
@@ -60,6 +71,12 @@ def _add_common(parser: argparse.ArgumentParser) -> None:
                         help="override a pipeline value by dotted key, e.g. stages.supervised.epochs=5")
     parser.add_argument("--experiment", help="MLflow experiment (default: the pipeline name)")
     parser.add_argument("--tracking-uri", help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI or sqlite:///mlflow.db)")
+    parser.add_argument("--store", help=STORE_HELP)
+    parser.add_argument("--no-cache", action="store_true",
+                        help="compute every stage again, into this run's (or trial's) own folders; the store is neither read nor written")
+
+
+STORE_HELP = "stage store folder (default: $SELFTUNE_STAGE_STORE, else $SELFTUNE_STORAGE/stages, else runs/stages)"
 
 
 def _add_no_progress(parser: argparse.ArgumentParser) -> None:
@@ -111,7 +128,7 @@ def command_run(args: argparse.Namespace) -> int:
         sigterm_as_interrupt()
     result = run_pipeline(
         pipeline, out=args.out, tracking_uri=tracking_uri, experiment=args.experiment,
-        on_stage_start=lambda i, stage: print(stage_header(i, len(pipeline.stages), stage), flush=True),
+        store=args.store, use_store=not args.no_cache, on_stage_start=lambda i, stage: print(stage_header(i, len(pipeline.stages), stage), flush=True),
     )
     print_stage_table(result)
     print(f"\noutputs: {result.output_dir}\nMLflow run {result.run_id}; browse with: mlflow ui --backend-store-uri {tracking_uri}")
@@ -127,9 +144,10 @@ def command_search(args: argparse.Namespace) -> int:
     from selftune.search.space import load_search_space
     from selftune.tracking import resolve_tracking_uri
 
-    space = load_search_space(args.space, args.overrides)
+    # --no-cache: the space's stage_cache: false (each trial computes every stage, in its own folder)
+    space = load_search_space(args.space, args.overrides + (["stage_cache=false"] if args.no_cache else []))
     tracking_uri = resolve_tracking_uri(args.tracking_uri)
-    outcome = run_search(space, tracking_uri=tracking_uri, out_root=args.out, resume=args.resume,
+    outcome = run_search(space, tracking_uri=tracking_uri, out_root=args.out, resume=args.resume, store=args.store,
                          experiment=args.experiment, progress=lambda line: print(line, flush=True))
     print(format_outcome(outcome, tracking_uri))
     return 0
@@ -157,7 +175,37 @@ def command_final(args: argparse.Namespace) -> int:
     tracking_uri = resolve_tracking_uri(args.tracking_uri)
     run_final(source=args.source, params_file=args.params, pipeline_file=args.pipeline, overrides=args.overrides,
               tracking_uri=tracking_uri, experiment=args.experiment, out=args.out,
-              progress=lambda line: print(line, flush=True))
+              progress=lambda line: print(line, flush=True), store=args.store, use_store=not args.no_cache)
+    return 0
+
+
+def command_store(args: argparse.Namespace) -> int:
+    from selftune.report import format_table
+    from selftune.runner.cache import default_store_root
+    from selftune.runner.store import human_size, parse_age, parse_size, prune, store_rows, stored_stages
+
+    root = default_store_root(args.store)
+    if args.store_command == "list":
+        stages = stored_stages(root)
+        if not stages:
+            print(f"stage store {root}: empty")
+            return 0
+        print(format_table(["stage", "key", "size", "last use", "users (count: latest)", "needed by"], store_rows(stages)))
+        print(f"\n{len(stages)} stages, {human_size(sum(s.size for s in stages))} in {root}")
+        return 0
+    if args.older_than is None and args.max_size is None:
+        raise SelftuneError("selftune store prune: give --older-than AGE (e.g. 30d) and/or --max-size SIZE (e.g. 50G)")
+    older_than = parse_age(args.older_than) if args.older_than is not None else None
+    max_size = parse_size(args.max_size) if args.max_size is not None else None
+    report = prune(root, older_than_s=older_than, max_size=max_size, dry_run=args.dry_run)
+    verb = "would delete" if args.dry_run else "deleted"
+    for stored in report.deleted:
+        print(f"{verb} {stored.entry.folder.name} ({human_size(stored.size)})")
+    for stored in report.held:
+        print(f"kept {stored.entry.folder.name}: a running run or search holds it")
+    print(f"stage store {root}: {verb} {len(report.deleted)} stages; {human_size(report.size_after)} left")
+    if max_size is not None and report.size_after > max_size:
+        print(f"still above --max-size {args.max_size}: the rest is pinned (registered models, best trials) or in use")
     return 0
 
 
@@ -173,7 +221,7 @@ def command_datasets(args: argparse.Namespace) -> int:
 
 
 COMMANDS = {"run": command_run, "search": command_search, "show": command_show, "final": command_final,
-            "datasets": command_datasets}
+            "store": command_store, "datasets": command_datasets}
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -6,7 +6,7 @@ import threading
 import time
 
 from selftune.config import load_pipeline
-from selftune.runner import StageCache, stage_key
+from selftune.runner import StageCache, stage_keys
 from selftune.stages import SUMMARY
 from support import REPO
 
@@ -15,12 +15,7 @@ QUICKSTART = REPO / "pipelines" / "quickstart.yaml"
 
 def keys(*overrides: str) -> list[str]:
     """Every stage's key, each chained on its upstream stages' keys (as a trial computes them)."""
-    pipeline = load_pipeline(QUICKSTART, overrides)
-    computed: dict[str, str] = {}
-    for index, stage in enumerate(pipeline.stages):
-        upstream = {role: computed[name] for role, name in stage.upstream().items()}
-        computed[stage.name] = stage_key(pipeline, index, upstream)
-    return [computed[stage.name] for stage in pipeline.stages]
+    return stage_keys(load_pipeline(QUICKSTART, overrides))
 
 
 def test_equal_configs_share_keys_and_a_change_invalidates_only_what_follows_it():

@@ -107,11 +107,14 @@ def test_top_k_reruns_the_best_trials_on_every_seed_and_keeps_the_best_mean(sear
     assert version.run_id == parent.data.tags["selftune.registered_run"]
     assert version.run_id in {run.info.run_id for run in by_trial[chosen]}
 
-    # the stage cache: per seed, the second configuration reuses the shared supervised and pseudo_label stages
+    # the stage store: on seed 0 (the search's) both configurations reuse the trials' stages; on
+    # seed 1 the second reuses the first's supervised and pseudo_label stages
     stages = [run for run in runs_of(search["uri"], "stage")
               if mlflow.get_run(run.data.tags["mlflow.parentRunId"]).data.tags.get("selftune.kind") == "final_seed"]
-    hits = sorted(run.data.tags["selftune.stage"] for run in stages if run.data.tags["selftune.cache"] == "hit")
-    assert hits == ["pseudo_label", "pseudo_label", "supervised", "supervised"]
+    hits = sorted((run.data.tags["selftune.stage"], mlflow.get_run(run.data.tags["mlflow.parentRunId"]).data.tags["selftune.seed"])
+                  for run in stages if run.data.tags["selftune.cache"] == "hit")
+    assert hits == sorted([(stage, "0") for stage in ("supervised", "pseudo_label", "self_train")] * 2
+                          + [("supervised", "1"), ("pseudo_label", "1")])
     assert not mlflow.search_runs([parent.info.experiment_id], filter_string="attributes.status = 'RUNNING'")
 
 
@@ -126,6 +129,37 @@ def test_the_default_top_k_is_one_final_run_of_the_best_trial(search):
     assert final.data.tags["selftune.source_trial_run"] == search_run.data.tags["selftune.best_trial_run_id"]
     versions = MlflowClient(search["uri"]).search_model_versions("name = 'selftune-quickstart'")
     assert [v.run_id for v in versions].count(final.info.run_id) == 1
+    # the best trial's stages came from the store: nothing computed again
+    assert {run.data.tags["selftune.cache"] for run in stage_runs_of(search["uri"], final.info.run_id)} == {"hit"}
+
+
+def stage_runs_of(uri: str, parent_run_id: str) -> list:
+    return all_runs(uri, f"tags.`mlflow.parentRunId` = '{parent_run_id}' and tags.`selftune.kind` = 'stage'")
+
+
+def test_pruning_the_store_to_nothing_keeps_the_best_trial_and_every_registered_models_stages(search, capsys):
+    from selftune.cli import main
+
+    store = Path(search["env"]["SELFTUNE_STAGE_STORE"])
+    assert main(["store", "list", "--store", str(store)]) == 0
+    listed = capsys.readouterr().out
+    assert "best trial" in listed and "model selftune-quickstart" in listed
+    assert main(["store", "prune", "--store", str(store), "--max-size", "0"]) == 0
+    assert "still above --max-size 0" in capsys.readouterr().out
+    (search_run,) = runs_of(search["uri"], "search")
+    needed = {(run.data.tags["selftune.stage"], run.data.tags["selftune.cache_key"])
+              for run in stage_runs_of(search["uri"], search_run.data.tags["selftune.best_trial_run_id"])}
+    for version in MlflowClient(search["uri"]).search_model_versions("name = 'selftune-quickstart'"):
+        needed |= {(run.data.tags["selftune.stage"], run.data.tags["selftune.cache_key"])
+                   for run in stage_runs_of(search["uri"], version.run_id)}
+    left = {tuple(entry.name.rsplit("-", 1)) for entry in store.iterdir() if entry.is_dir()}
+    assert left == needed  # everything else went
+    again = selftune("final", "--from", "topk", "--out", str(search["folder"] / "final-after-prune"),
+                     cwd=search["folder"], env=search["env"])
+    assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
+    (final,) = [run for run in runs_of(search["uri"], "final")
+                if run.data.tags.get("selftune.output_dir", "").endswith("final-after-prune")]
+    assert {run.data.tags["selftune.cache"] for run in stage_runs_of(search["uri"], final.info.run_id)} == {"hit"}
 
 
 @pytest.mark.parametrize("top_k", [0, -1, 1.5, "3", True])

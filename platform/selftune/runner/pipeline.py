@@ -16,7 +16,7 @@ import yaml
 
 from selftune.config import PipelineConfig, StageConfig, flatten, pipeline_to_dict
 from selftune.errors import ConfigError
-from selftune.runner.cache import RunFolders, StageCache
+from selftune.runner.cache import LinkedRunFolders, RunFolders, StageCache, default_store_root
 from selftune.runner.runner import StageResult, Tracking, in_process, run_stages, terminates
 from selftune.stages.data import prepare_data
 from selftune.tracking import KIND_PIPELINE, RunTracker, create_run, ensure_experiment, require_reachable
@@ -27,6 +27,7 @@ class PipelineResult:
     run_id: str
     output_dir: str
     stages: list[StageResult] = field(default_factory=list)
+    store: str | None = None  # the stage store the stages are in (None: the run's own folders, --no-cache)
 
     @property
     def val_miou(self) -> float | None:
@@ -85,13 +86,16 @@ def run_pipeline(
     kind: str = KIND_PIPELINE,
     tags: dict[str, Any] | None = None,
     parent_run_id: str | None = None,
-    stage_cache: str | Path | None = None,
+    store: str | Path | None = None,
+    use_store: bool = True,
 ) -> PipelineResult:
     """Validate inputs, then run every stage; MLflow runs end FAILED/KILLED if anything goes wrong.
 
-    ``parent_run_id`` nests the pipeline run (a final run's candidates under it); ``stage_cache``
-    keeps the stages in that content-addressed cache instead of the run's own folders, so runs
-    that share a stage (same config, inputs and seed) compute it once."""
+    ``parent_run_id`` nests the pipeline run (a final run's candidates under it). The stages live
+    in the stage store (``store``, default ``default_store_root()``), linked from the run's folder
+    as ``<out>/<index>-<name>``, so runs, searches and finals that share a stage (same config,
+    inputs, seed, code and data) compute it once. ``use_store=False`` (``--no-cache``) computes
+    every stage into the run's own folders: the store is neither read nor written."""
     require_reachable(tracking_uri)  # fail fast on a tracking server that does not answer
     check_data(pipeline)
     output_dir = new_output_dir(out, pipeline.name)
@@ -104,12 +108,14 @@ def run_pipeline(
         tags={"selftune.pipeline": pipeline.name, "selftune.output_dir": str(output_dir), **(tags or {})},
     )
     tracker = RunTracker(tracking_uri, run_id)
-    result = PipelineResult(run_id=run_id, output_dir=str(output_dir))
+    root = default_store_root(store) if use_store else None
+    result = PipelineResult(run_id=run_id, output_dir=str(output_dir), store=str(root) if root else None)
+    folders = LinkedRunFolders(output_dir, StageCache(root, owner=f"{kind} {output_dir}")) if root else RunFolders(output_dir)
     with terminates(tracking_uri, run_id):
         tracker.log_params(flatten(resolved))
         tracker.log_artifact(output_dir / "pipeline.yaml")
         result.stages = run_stages(
-            pipeline, store=StageCache(stage_cache) if stage_cache else RunFolders(output_dir),
+            pipeline, store=folders,
             execute=in_process(pipeline.resources, storage=lambda job: output_dir / "ray"),
             tracking=Tracking(tracking_uri, experiment_id, run_id, tags={}),
             on_stage_start=on_stage_start,

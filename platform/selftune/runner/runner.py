@@ -34,6 +34,7 @@ from selftune.engine.context import WorkerContext
 from selftune.engine.ray_train import WorkOrder, run_on_ray_train
 from selftune.errors import failure_reason
 from selftune.runner.cache import stage_key
+from selftune.runner.fingerprints import pipeline_fingerprints
 from selftune.stages import RESULT, SUMMARY, StageJob, artifact_path
 from selftune.tracking import (
     KIND_STAGE,
@@ -67,7 +68,7 @@ class StageResult:
 
 
 class StageStore(Protocol):
-    def claim(self, index: int, stage_name: str, key: str) -> ContextManager[tuple[Path, bool]]: ...
+    def claim(self, index: int, stage_name: str, key: str, *, user: dict[str, Any] | None = None) -> ContextManager[tuple[Path, bool]]: ...
 
 
 @dataclass(frozen=True)
@@ -91,18 +92,34 @@ def run_stages(
     on_stage_end: Callable[[StageResult, list[StageResult]], None] | None = None,
 ) -> list[StageResult]:
     """Run every stage in order; the first ``done`` stages (a resumed trial's) are read back
-    from the store without touching MLflow, unless the store lost them."""
+    from the store without touching MLflow, unless the store lost them. The store's entries
+    stay held (no prune deletes them) until the last stage is done."""
+    try:
+        return _run_stages(pipeline, store, execute, tracking, done, on_stage_start, on_stage_end)
+    finally:
+        release = getattr(store, "release", None)
+        if release:
+            release()
+
+
+def _run_stages(
+    pipeline: PipelineConfig, store: StageStore, execute: Executor, tracking: Tracking, done: int,
+    on_stage_start: Callable[[int, StageConfig], None] | None,
+    on_stage_end: Callable[[StageResult, list[StageResult]], None] | None,
+) -> list[StageResult]:
     parent = RunTracker(tracking.uri, tracking.parent_run_id)
+    fingerprints = pipeline_fingerprints(pipeline)  # once per run: code and data as they are now
+    user = {"run": tracking.parent_run_id, **{name.removeprefix("selftune."): value for name, value in tracking.tags.items()}}
     keys: dict[str, str] = {}
     folders: dict[str, Path] = {}
     results: list[StageResult] = []
     for index, stage in enumerate(pipeline.stages):
         upstream = stage.upstream()
-        keys[stage.name] = key = stage_key(pipeline, index, {role: keys[name] for role, name in upstream.items()})
+        keys[stage.name] = key = stage_key(pipeline, index, {role: keys[name] for role, name in upstream.items()}, fingerprints)
         inputs = {role: str(artifact_path(folders[name], _artifact(stage, role))) for role, name in upstream.items()}
         if on_stage_start and index >= done:
             on_stage_start(index, stage)
-        with store.claim(index, stage.name, key) as (folder, hit):
+        with store.claim(index, stage.name, key, user=user) as (folder, hit):
             folders[stage.name] = folder
             job = StageJob(pipeline=pipeline, stage_index=index, output_dir=str(folder), inputs=inputs,
                            tracking_uri=tracking.uri)

@@ -28,6 +28,7 @@ import yaml
 from selftune.config import flatten
 from selftune.errors import ConfigError
 from selftune.interrupts import sigterm_as_interrupt
+from selftune.runner.cache import default_store_root
 from selftune.search import pbt
 from selftune.search.space import SearchSpace
 from selftune.search.summary import (
@@ -35,6 +36,7 @@ from selftune.search.summary import (
 )
 from selftune.search.dashboard import dashboard_line
 from selftune.search.callbacks import Progress, TrialRunCloser, close_open_runs
+from selftune.search.pins import pin_best_trial
 from selftune.search.searcher import StageAwareOptunaSearch
 from selftune.search.trial import OBJECTIVE, OWN_ERRORS, RUNG, TRIAL_ACTOR_CPUS, TrialContext, rung_stages, run_trial
 from selftune.tracking import (
@@ -82,10 +84,14 @@ def run_search(
     resume: bool = False,
     experiment: str | None = None,
     progress: Callable[[str], None] = print,
+    store: str | Path | None = None,
 ) -> SearchOutcome:
+    """``store``: the stage store the trials share (default ``default_store_root()``; a resumed
+    search keeps the one it started with)."""
     require_reachable(tracking_uri)  # fail fast, before any folder or run exists
     folder = search_folder(space, out_root, resume)
-    state = _open_search_run(space, folder, tracking_uri, experiment, resume)
+    state = _open_search_run(space, folder, tracking_uri, experiment, resume, store)
+    state.setdefault("store", str(folder / "stage-cache"))  # resumed from before the shared store: where its stages are
     run_id = state["search_run_id"]
     progress(f"search {space.name}: folder {folder}; MLflow search run {run_id}")
     started = time.monotonic()
@@ -116,6 +122,7 @@ def run_search(
         raise KeyboardInterrupt(reason)
     best = best_row(rows, space.config.objective.mode)
     _log_search_results(space, folder, tracking_uri, run_id, rows, best)
+    pin_best_trial(space, folder, best, state["store"])
     finish_run(tracking_uri, run_id, "FINISHED")
     return SearchOutcome(run_id, folder, rows, best, save_not_logged(folder, mark))
 
@@ -156,7 +163,8 @@ def _interrupted(space: SearchSpace, ended: int, started: float) -> bool:
     return ended < expected_trials(space)
 
 
-def _open_search_run(space: SearchSpace, folder: Path, tracking_uri: str, experiment: str | None, resume: bool) -> dict[str, Any]:
+def _open_search_run(space: SearchSpace, folder: Path, tracking_uri: str, experiment: str | None, resume: bool,
+                     store: str | Path | None = None) -> dict[str, Any]:
     state_path = folder / STATE
     if resume:
         state = json.loads(state_path.read_text())
@@ -178,7 +186,7 @@ def _open_search_run(space: SearchSpace, folder: Path, tracking_uri: str, experi
     (folder / "space.yaml").write_text(yaml.safe_dump(space.config.model_dump(mode="json"), sort_keys=False))
     tracker.log_artifact(folder / "space.yaml")
     state = {"search_run_id": run_id, "experiment_id": experiment_id, "tracking_uri": tracking_uri,
-             "space": str(Path(space.source).resolve())}
+             "space": str(Path(space.source).resolve()), "store": str(default_store_root(store))}
     state_path.write_text(json.dumps(state, indent=2))
     return state
 
@@ -204,7 +212,7 @@ def _fit(space: SearchSpace, folder: Path, state: dict[str, Any], tracking_uri: 
     warnings.filterwarnings("ignore", message="Consider boosting PBT performance")
     logging.getLogger("ray.tune.schedulers.pbt").addFilter(_drop_no_round_line)
     context = TrialContext(space=space, tracking_uri=tracking_uri, experiment_id=state["experiment_id"],
-                           search_run_id=state["search_run_id"], cache_root=str(folder / "stage-cache"),
+                           search_run_id=state["search_run_id"], cache_root=_cache_root(space, folder, state),
                            not_logged_dir=str(folder / "not_logged"), own_errors_dir=str(folder / OWN_ERRORS),
                            pbt_dir=str(folder / PBT_RECORDS))
     trainable = ray.tune.with_resources(ray.tune.with_parameters(run_trial, context=context), {"cpu": TRIAL_ACTOR_CPUS})
@@ -240,6 +248,12 @@ def _fit(space: SearchSpace, folder: Path, state: dict[str, Any], tracking_uri: 
         )
     results = tuner.fit()
     return results, progress_callback.ended_ids
+
+
+def _cache_root(space: SearchSpace, folder: Path, state: dict[str, Any]) -> str:
+    """The shared stage store; with ``stage_cache: false`` (``--no-cache``) the search folder,
+    where each trial keeps its own stages (the store is neither read nor written)."""
+    return state["store"] if space.config.stage_cache else str(folder / "stage-cache")
 
 
 def _drop_no_round_line(record: logging.LogRecord) -> bool:

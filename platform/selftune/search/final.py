@@ -144,7 +144,10 @@ def run_final(
     experiment: str | None = None,
     out: str | None = None,
     progress: Callable[[str], None] = print,
+    store: str | None = None,
+    use_store: bool = True,
 ) -> list[PipelineResult]:
+    """``store``/``use_store``: the stage store the runs reuse and fill (``--store``, ``--no-cache``)."""
     if source:
         search_run, space = searched_space(tracking_uri, source)
         pipeline_file = pipeline_file or str(space.pipeline_path)
@@ -162,14 +165,15 @@ def run_final(
         candidates = [Candidate(values, {"selftune.params_file": str(Path(params_file).resolve())}, label=str(params_file))]
     base = Path(out) if out else _default_out(Path(pipeline_file).stem)
     common = {"plan": plan, "pipeline_file": pipeline_file, "overrides": overrides, "tracking_uri": tracking_uri,
-              "experiment": experiment, "base": base, "progress": progress}
+              "experiment": experiment, "base": base, "progress": progress, "store": store, "use_store": use_store}
     if plan.top_k == 1:
         return run_seeds(candidates[0], **common)
     return run_top_k(candidates, **common)
 
 
 def run_seeds(candidate: Candidate, *, plan: FinalPlan, pipeline_file: str, overrides: list[str], tracking_uri: str,
-              experiment: str | None, base: Path, progress: Callable[[str], None]) -> list[PipelineResult]:
+              experiment: str | None, base: Path, progress: Callable[[str], None], store: str | None = None,
+              use_store: bool = True) -> list[PipelineResult]:
     """One configuration, one final run per seed, each registering its model (``top_k: 1``)."""
     settings = _settings(candidate, plan, overrides)
     for seed in plan.seeds:
@@ -178,7 +182,7 @@ def run_seeds(candidate: Candidate, *, plan: FinalPlan, pipeline_file: str, over
         folder = base / f"seed{pipeline.seed}" if len(plan.seeds) > 1 else base
         progress(f"selftune final: {pipeline_file} seed {pipeline.seed} with {', '.join(settings) or 'its own values'}")
         result = run_pipeline(
-            pipeline, out=folder, tracking_uri=tracking_uri,
+            pipeline, out=folder, tracking_uri=tracking_uri, store=store, use_store=use_store,
             experiment=experiment, kind=KIND_FINAL, tags={**candidate.tags, "selftune.seed": pipeline.seed},
             on_stage_start=lambda i, stage, n=len(pipeline.stages): progress(stage_header(i, n, stage)),
         )
@@ -191,10 +195,12 @@ def run_seeds(candidate: Candidate, *, plan: FinalPlan, pipeline_file: str, over
 
 
 def run_top_k(candidates: list[Candidate], *, plan: FinalPlan, pipeline_file: str, overrides: list[str],
-              tracking_uri: str, experiment: str | None, base: Path, progress: Callable[[str], None]) -> list[PipelineResult]:
+              tracking_uri: str, experiment: str | None, base: Path, progress: Callable[[str], None],
+              store: str | None = None, use_store: bool = True) -> list[PipelineResult]:
     """Every candidate on every seed under one parent final run; keep and register the one with
-    the best mean ``select/miou``. The seeds' stages share a stage cache: candidates that differ
-    only downstream compute their common stages once per seed."""
+    the best mean ``select/miou``. The runs share the stage store: candidates that differ only
+    downstream compute their common stages once per seed, and a seed the search ran reuses its
+    trials' stages."""
     pipelines = [[load_pipeline(pipeline_file, _settings(c, plan, overrides) + _seed_setting(seed)) for seed in plan.seeds]
                  for c in candidates]  # all validated before any run exists
     first = pipelines[0][0]
@@ -213,7 +219,7 @@ def run_top_k(candidates: list[Candidate], *, plan: FinalPlan, pipeline_file: st
                          f"{candidate.objective:.4f}) seed {pipeline.seed}")
                 result = run_pipeline(
                     pipeline, out=base / f"top{rank}-seed{pipeline.seed}", tracking_uri=tracking_uri,
-                    experiment=experiment, kind=KIND_FINAL_SEED, parent_run_id=parent_id, stage_cache=base / "stage-cache",
+                    experiment=experiment, kind=KIND_FINAL_SEED, parent_run_id=parent_id, store=store, use_store=use_store,
                     tags={**candidate.tags, "selftune.seed": pipeline.seed, "selftune.final_rank": rank},
                     on_stage_start=lambda i, stage, n=len(pipeline.stages): progress(stage_header(i, n, stage)),
                 )
@@ -309,7 +315,8 @@ def _mean_std(mean: float | None, std: float | None) -> str:
 
 
 def register_model(tracking_uri: str, result: PipelineResult, name: str, *, crop_size: int) -> None:
-    """Log the last training stage's best model to the final run and register it."""
+    """Log the last training stage's best model to the final run and register it; pin the stages
+    it came from in the stage store, so that no prune breaks its lineage."""
     import mlflow
     import numpy as np
 
@@ -323,8 +330,21 @@ def register_model(tracking_uri: str, result: PipelineResult, name: str, *, crop
     with mlflow.start_run(run_id=result.run_id):
         # MLflow 3 saves an exported (traced) graph, which needs an example input: one crop.
         example = np.zeros((1, 3, crop_size, crop_size), dtype=np.float32)
-        mlflow.pytorch.log_model(model.eval(), name="model", registered_model_name=f"selftune-{name}", input_example=example)
+        info = mlflow.pytorch.log_model(model.eval(), name="model", registered_model_name=f"selftune-{name}", input_example=example)
     client(tracking_uri).set_terminated(result.run_id, "FINISHED")  # start_run(run_id=...) reopened it
+    pin_lineage(result, trained[-1], {"model": f"selftune-{name}", "version": str(getattr(info, "registered_model_version", "")),
+                                      "run": result.run_id})
+
+
+def pin_lineage(result: PipelineResult, model_stage: Any, pin: dict[str, Any]) -> None:
+    """Keep the registered model's stage and every stage before it in the store (no prune deletes them)."""
+    if not result.store:
+        return
+    from selftune.runner import StageCache
+
+    store = StageCache(result.store)
+    for stage in result.stages[: result.stages.index(model_stage) + 1]:
+        store.pin(stage.name, stage.key, pin)
 
 
 def _log_seed_spread(tracking_uri: str, results: list[PipelineResult], progress) -> None:
