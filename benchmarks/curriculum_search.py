@@ -24,11 +24,8 @@ import time
 from pathlib import Path
 
 import yaml
-from mlflow import MlflowClient
 
-import selftune.stages  # noqa: F401
-from selftune.search.driver import run_search
-from selftune.search.space import load_search_space
+from _measure import measured_search
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -58,19 +55,9 @@ def tpe_space(folder: Path, sets: dict, seed: int) -> Path:
 
 
 def measure(space_path: Path | str, overrides: list[str], folder: Path, name: str) -> dict:
-    tracking_uri = f"sqlite:///{folder / 'mlflow.db'}"
-    space = load_search_space(space_path, [f"name={name}", *overrides])
-    started = time.perf_counter()
-    outcome = run_search(space, tracking_uri=tracking_uri, out_root=folder / "runs", progress=lambda line: None)
-    wall = time.perf_counter() - started
-    client = MlflowClient(tracking_uri)
-    experiment = client.get_experiment_by_name(name).experiment_id
-    stages = client.search_runs([experiment], filter_string="tags.`selftune.kind` = 'stage'", max_results=10_000)
-    computed = [run for run in stages if run.data.tags.get("selftune.cache") == "miss"]
-    seconds = sum((run.info.end_time - run.info.start_time) / 1000 for run in computed if run.info.end_time)
-    best = outcome.best
-    return {"select": best.select_miou if best else float("nan"), "val": best.val_miou if best else float("nan"),
-            "executions": len(computed), "compute_s": seconds, "wall_s": wall, "trials": len(outcome.rows)}
+    r = measured_search(space_path, folder, name, overrides)
+    return {"select": r["best_select"], "val": r["best_val"], "executions": r["executions"], "compute_s": r["compute_s"],
+            "wall_s": r["wall_s"], "trials": len(r["all_trials"])}
 
 
 def main() -> None:
