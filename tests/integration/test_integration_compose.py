@@ -136,6 +136,7 @@ def test_ray_nodes_environment_tracking_and_token_auth(compose):
         assert re.fullmatch(r"\$\{RAY_AUTH_TOKEN(:\?[^}]+)?\}", environment["RAY_AUTH_TOKEN"]), \
             "the token must come from docker/.env, never be written in compose.yaml"
         assert environment["RAY_ENABLE_UV_RUN_RUNTIME_ENV"] == "0"
+        assert int(environment["RAY_JOB_STOP_WAIT_TIME_S"]) >= 60  # a stopped search job has time to save its state
     shared_keys = ("MLFLOW_TRACKING_URI", "RAY_AUTH_MODE", "RAY_AUTH_TOKEN", "SELFTUNE_STORAGE")
     assert [{key: env[key] for key in shared_keys} for env in environments].count(
         {key: environments[0][key] for key in shared_keys}) == len(environments), "head and workers disagree"
