@@ -207,9 +207,10 @@ class StageCache:
 
     def _record_use(self, entry: CacheEntry, stage_name: str, key: str, user: dict[str, Any] | None, *, computed: bool) -> None:
         record = entry.read_record() or {"stage": stage_name, "key": key, "users": [], "pins": []}
-        if computed:  # a new computation (or a failed one's retry): its own creation time and size
+        if computed:  # a new computation (or a failed one's retry): its own creation time, size and maker
             record["created"] = now()
             record.pop("size", None)
+            record["created_by"] = self.owner  # a search's disk budget counts what it computed
         use = {**(user or {}), **({"owner": self.owner} if self.owner else {}), "at": now()}
         users = [u for u in record.get("users", []) if {**u, "at": 0} != {**use, "at": 0}]  # one line per user
         record.update(last_used=use["at"], users=[*users, use][-MAX_USERS:])

@@ -28,7 +28,8 @@ import yaml
 from selftune.config import flatten
 from selftune.errors import ConfigError
 from selftune.interrupts import sigterm_as_interrupt
-from selftune.runner.cache import default_store_root
+from selftune.runner.cache import default_store_root, stage_keys
+from selftune.search.disk_budget import DiskBudget, search_owner
 from selftune.search import pbt
 from selftune.search.space import SearchSpace
 from selftune.search.summary import (
@@ -214,11 +215,11 @@ def _fit(space: SearchSpace, folder: Path, state: dict[str, Any], tracking_uri: 
     context = TrialContext(space=space, tracking_uri=tracking_uri, experiment_id=state["experiment_id"],
                            search_run_id=state["search_run_id"], cache_root=_cache_root(space, folder, state),
                            not_logged_dir=str(folder / "not_logged"), own_errors_dir=str(folder / OWN_ERRORS),
-                           pbt_dir=str(folder / PBT_RECORDS))
+                           pbt_dir=str(folder / PBT_RECORDS), store_owner=search_owner(folder))
     trainable = ray.tune.with_resources(ray.tune.with_parameters(run_trial, context=context), {"cpu": TRIAL_ACTOR_CPUS})
     stage_names = functools.partial(_stage_names, space)
     progress_callback = Progress(space.trial_budget, space.config.objective.mode, progress, stage_names, context.own_errors_dir)
-    callbacks = [TrialRunCloser(tracking_uri, stage_names), progress_callback]
+    callbacks = [TrialRunCloser(tracking_uri, stage_names), progress_callback, *_disk_budget(space, context, progress)]
     tune_path = folder / "tune"
     if resume and not ray.tune.Tuner.can_restore(str(tune_path)):
         _forget_study(folder, space.name)
@@ -254,6 +255,18 @@ def _cache_root(space: SearchSpace, folder: Path, state: dict[str, Any]) -> str:
     """The shared stage store; with ``stage_cache: false`` (``--no-cache``) the search folder,
     where each trial keeps its own stages (the store is neither read nor written)."""
     return state["store"] if space.config.stage_cache else str(folder / "stage-cache")
+
+
+def _disk_budget(space: SearchSpace, context: TrialContext, progress) -> list:
+    """The disk budget's callback, when the space sets one and its trials share the store."""
+    limit = space.config.budget.disk_bytes
+    if limit is None or not space.config.stage_cache:
+        return []
+
+    def keys(config: dict[str, Any]) -> set[str]:
+        return set(stage_keys(space.pipeline_for(config)))
+
+    return [DiskBudget(context.cache_root, context.store_owner, limit, space.config.objective.mode, keys, progress)]
 
 
 def _drop_no_round_line(record: logging.LogRecord) -> bool:

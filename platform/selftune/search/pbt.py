@@ -92,6 +92,9 @@ def check_population_space(space) -> None:
     from selftune.search.space import ConditionalParam
 
     settings, where = space.config.scheduler, f"{space.source}: scheduler"
+    if space.config.budget.disk is not None:  # a clone continues from its donor's stages in the store
+        raise ConfigError(f"{space.source}: budget.disk: not with scheduler {settings.name} (an exploit rebuilds the "
+                          "donor's stages from the stage store, which a budget would prune); remove it or use asha")
     for path, param in space.params.items():
         if isinstance(param, ConditionalParam):
             raise ConfigError(f"{space.source}: params.{path}: {settings.name} takes plain float, int and categorical "

@@ -31,11 +31,11 @@ from pathlib import Path
 from typing import Any, Literal, Union
 
 from optuna.distributions import BaseDistribution, CategoricalDistribution, FloatDistribution, IntDistribution
-from pydantic import BaseModel, ConfigDict, Field, FiniteFloat, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, FiniteFloat, ValidationError, field_validator, model_validator
 
 from selftune.config import PipelineConfig, flatten, pipeline_to_dict, read_yaml, validate_pipeline
 from selftune.config.paths import deep_copy, get_dotted, set_dotted
-from selftune.errors import ConfigError
+from selftune.errors import ConfigError, SelftuneError
 
 
 class _Strict(BaseModel):
@@ -137,6 +137,27 @@ class BudgetConfig(_Strict):
     # Restarts of a trial that Ray lost (its actor or a stage's worker killed, its node gone); it goes
     # on from its last finished stage. A trial's own error (e.g. diverged training) is not retried.
     trial_retries: int = Field(2, ge=0)
+    # A size (``20G``, ``500M``): the stage outputs this search computed stay under it as trials end
+    # (see selftune.search.disk_budget). None: no limit.
+    disk: str | None = None
+
+    @field_validator("disk")
+    @classmethod
+    def _a_size(cls, value: str | None) -> str | None:
+        if value is not None:
+            from selftune.runner.store import parse_size
+
+            try:
+                parse_size(value, "budget.disk")
+            except SelftuneError as error:
+                raise ValueError(str(error).removeprefix(f"budget.disk {value}: ")) from None
+        return value
+
+    @property
+    def disk_bytes(self) -> int | None:
+        from selftune.runner.store import parse_size
+
+        return None if self.disk is None else parse_size(self.disk, "budget.disk")
 
 
 class SearchSpaceConfig(_Strict):

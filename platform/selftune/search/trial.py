@@ -55,6 +55,7 @@ class TrialContext:
     not_logged_dir: str = ""  # each trial writes what it could not log to <dir>/<trial id>.json
     own_errors_dir: str = ""  # see own_error_file
     pbt_dir: str = ""  # PBT: <dir>/<trial id>.json, each trial's realised values and exploits
+    store_owner: str = ""  # how the trials name the search in the stage store's records (its disk budget's)
 
 
 def objective_value(metric: str, stage: StageResult, latest_select: float | None) -> float | None:
@@ -136,7 +137,8 @@ def _run_stages(config: dict[str, Any], context: TrialContext, trial_id: str, pi
     trial_run_id, reported = _trial_run(context, trial_id, config, pipeline)
     tracker = RunTracker(context.tracking_uri, trial_run_id)
     # Without the shared cache a trial still caches for itself, so a resumed trial skips its done stages.
-    cache = StageCache(context.cache_root if space.config.stage_cache else Path(context.cache_root) / trial_id)
+    cache = StageCache(context.cache_root if space.config.stage_cache else Path(context.cache_root) / trial_id,
+                       owner=context.store_owner or None)
     population = PopulationTrial(context, trial_id, config, start, tracker) if pbt.is_population_search(space) else None
 
     def report(result: StageResult, results: list[StageResult]) -> None:

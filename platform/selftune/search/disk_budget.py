@@ -1,0 +1,79 @@
+"""A search's disk budget (``budget.disk: 20G``): the stage outputs the search computed stay under
+it as trials end, the losers' going first.
+
+After every stage report and every trial's end, the driver sums the store entries this search
+computed (``created_by`` in each entry's record) and, while they exceed the budget, deletes the
+least recently used of them that no one needs: never an entry a running trial holds (its ``.use``
+lock), a pinned one, or one of the best finished trial's stages. Metrics, summaries and the trial
+table live in MLflow and the search folder, so nothing a user reads is lost; a later trial that
+needs a deleted stage computes it again. The search can exceed the budget only by what its
+running trials hold: the stages they are computing or have claimed.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any, Callable
+
+from ray.tune import Callback
+
+from selftune.runner.store import PruneReport, delete, exclusively, stored_stages
+from selftune.search.trial import OBJECTIVE, STAGE
+
+Keys = Callable[[dict[str, Any]], set[str]]  # a trial's config -> the store keys of its stages
+
+
+def search_owner(folder: str | Path) -> str:
+    """How a search's trials name themselves in the store's records."""
+    return f"search {Path(folder).resolve()}"
+
+
+def enforce(root: str | Path, owner: str, max_bytes: int, keep: set[str]) -> PruneReport:
+    """Delete ``owner``'s entries, least recently used first, until they take at most ``max_bytes``;
+    never a held or pinned entry or one whose key is in ``keep``."""
+    mine = [s for s in stored_stages(root) if s.record.get("created_by") == owner]
+    report = PruneReport(size_after=sum(s.size for s in mine))
+    for stored in mine:  # oldest use first
+        if report.size_after <= max_bytes:
+            break
+        if stored.pins or stored.key in keep:
+            continue
+        with exclusively(stored.entry) as free:
+            if not free:
+                report.held.append(stored)
+                continue
+            delete(stored.entry)
+        report.deleted.append(stored)
+        report.size_after -= stored.size
+    return report
+
+
+class DiskBudget(Callback):
+    """Tune callback (driver side): ``enforce`` after every report, protecting the best finished trial."""
+
+    def __init__(self, root: str | Path, owner: str, max_bytes: int, mode: str, keys: Keys, say: Callable[[str], None]):
+        self.root, self.owner, self.max_bytes, self.mode, self.keys, self.say = root, owner, max_bytes, mode, keys, say
+        self.best: tuple[float, dict[str, Any]] | None = None
+        self.deleted = 0
+
+    def on_trial_result(self, iteration, trials, trial, result, **info) -> None:
+        self._enforce()
+
+    def on_trial_complete(self, iteration, trials, trial, **info) -> None:
+        result = trial.last_result or {}
+        value = result.get(OBJECTIVE)
+        if result.get(STAGE) == result.get("stages_total") and value is not None and math.isfinite(value):
+            better = self.best is None or (value > self.best[0] if self.mode == "max" else value < self.best[0])
+            if better:
+                self.best = (value, dict(trial.config))
+        self._enforce()
+
+    def _enforce(self) -> None:
+        keep = self.keys(self.best[1]) if self.best else set()
+        report = enforce(self.root, self.owner, self.max_bytes, keep)
+        if report.deleted:
+            self.deleted += len(report.deleted)
+            over = "; the rest is the best trial's or running trials'" if report.size_after > self.max_bytes else ""
+            self.say(f"  disk budget: deleted {len(report.deleted)} stage output(s) of ended trials; the search's "
+                     f"stages now take {report.size_after / 2**20:.1f} MiB of {self.max_bytes / 2**20:.1f}{over}")
