@@ -107,3 +107,40 @@ def test_population_searches_refuse_a_budget(tmp_path):
     path.write_text(yaml.safe_dump(spec))
     with pytest.raises(ConfigError, match=r"budget\.disk: not with scheduler pbt"):
         load_search_space(path)
+
+
+@pytest.mark.slow
+def test_a_search_with_a_tiny_budget_keeps_only_its_best_trials_stages(tmp_path, small_synthetic):
+    """A real search (3 trials, one at a time) with a budget smaller than one trial's stages: every
+    trial still finishes, and at the end the store holds the search's best trial's stages and
+    nothing else the search computed."""
+    import subprocess
+    import sys
+
+    from mlflow import MlflowClient
+
+    space = tmp_path / "space.yaml"
+    space.write_text(yaml.safe_dump({
+        "name": "budget", "pipeline": str(REPO / "pipelines" / "quickstart.yaml"),
+        "set": {"data.root": str(small_synthetic), "stages.supervised.epochs": 1, "stages.supervised.steps_per_epoch": 3,
+                "stages.self_train.epochs": 1, "stages.self_train.steps_per_epoch": 3, "stages.pseudo_label.threshold": 0.5},
+        "params": {"stages.supervised.optimizer.lr": {"type": "float", "low": 1e-4, "high": 1e-2, "log": True}},
+        "searcher": {"name": "random", "seed": 0}, "scheduler": {"name": "none"},
+        "budget": {"num_samples": 3, "max_concurrent": 1, "disk": "1K"},
+    }))
+    uri, store = f"sqlite:///{tmp_path / 'mlflow.db'}", tmp_path / "stages"
+    search = subprocess.run([sys.executable, "-m", "selftune", "search", str(space), "--out", str(tmp_path / "runs"),
+                             "--store", str(store), "--tracking-uri", uri],
+                            env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=600)
+    assert search.returncode == 0, search.stdout[-3000:] + search.stderr[-3000:]
+    assert "disk budget: deleted" in search.stdout
+    client = MlflowClient(uri)
+    experiment = client.get_experiment_by_name("budget").experiment_id
+    trials = client.search_runs([experiment], filter_string="tags.`selftune.kind` = 'trial'")
+    assert len(trials) == 3 and {t.info.status for t in trials} == {"FINISHED"}
+    best = max(t.data.metrics["objective"] for t in trials)  # ties (tiny trials) keep every tied trial's
+    kept = set()
+    for trial in (t for t in trials if t.data.metrics["objective"] == best):
+        kept |= {run.data.tags["selftune.cache_key"] for run in client.search_runs(
+            [experiment], filter_string=f"tags.`mlflow.parentRunId` = '{trial.info.run_id}'")}
+    assert keys_left(store) == kept and len(kept) >= 3

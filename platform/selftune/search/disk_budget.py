@@ -54,7 +54,8 @@ class DiskBudget(Callback):
 
     def __init__(self, root: str | Path, owner: str, max_bytes: int, mode: str, keys: Keys, say: Callable[[str], None]):
         self.root, self.owner, self.max_bytes, self.mode, self.keys, self.say = root, owner, max_bytes, mode, keys, say
-        self.best: tuple[float, dict[str, Any]] | None = None
+        self.best: float | None = None
+        self.best_configs: list[dict[str, Any]] = []  # every finished trial at the best value (the table may pick any)
         self.deleted = 0
 
     def on_trial_result(self, iteration, trials, trial, result, **info) -> None:
@@ -64,13 +65,14 @@ class DiskBudget(Callback):
         result = trial.last_result or {}
         value = result.get(OBJECTIVE)
         if result.get(STAGE) == result.get("stages_total") and value is not None and math.isfinite(value):
-            better = self.best is None or (value > self.best[0] if self.mode == "max" else value < self.best[0])
-            if better:
-                self.best = (value, dict(trial.config))
+            if self.best is None or (value > self.best if self.mode == "max" else value < self.best):
+                self.best, self.best_configs = value, []
+            if value == self.best:
+                self.best_configs.append(dict(trial.config))
         self._enforce()
 
     def _enforce(self) -> None:
-        keep = self.keys(self.best[1]) if self.best else set()
+        keep = set().union(*(self.keys(config) for config in self.best_configs))
         report = enforce(self.root, self.owner, self.max_bytes, keep)
         if report.deleted:
             self.deleted += len(report.deleted)
