@@ -13,7 +13,7 @@ import yaml
 
 from selftune.errors import ConfigError
 from selftune.runner import StageCache
-from selftune.runner.store import stored_stages
+from selftune.runner.store import human_size, stored_stages
 from selftune.search.disk_budget import DiskBudget, enforce, search_owner
 from selftune.search.space import load_search_space
 from support import REPO
@@ -81,7 +81,8 @@ def test_the_callback_protects_the_best_finished_trial_and_says_what_it_deleted(
     budget.on_trial_complete(0, [], SimpleNamespace(config={"key": "a" * 16}, last_result={**done, "objective": 0.8}))
     budget.on_trial_complete(0, [], SimpleNamespace(config={"key": "b" * 16}, last_result={**done, "objective": 0.7}))
     assert keys_left(root) == {"a" * 16}
-    assert lines == ["  disk budget: deleted 1 stage output(s) of ended trials; the search's stages now take 1.0 MiB of 1.5"]
+    assert lines == [f"  disk budget: deleted 1 stage output(s) of ended trials; the search's stages now take "
+                     f"{human_size(MIB)} of {human_size(1.5 * MIB)}"]
 
 
 def write_space(tmp_path: Path, **budget) -> Path:
@@ -111,7 +112,7 @@ def test_population_searches_refuse_a_budget(tmp_path):
 
 @pytest.mark.slow
 def test_a_search_with_a_tiny_budget_keeps_only_its_best_trials_stages(tmp_path, small_synthetic):
-    """A real search (3 trials, one at a time) with a budget smaller than one trial's stages: every
+    """A real search (3 trials, two at a time) with a budget smaller than one trial's stages: every
     trial still finishes, and at the end the store holds the search's best trial's stages and
     nothing else the search computed."""
     import subprocess
@@ -122,11 +123,12 @@ def test_a_search_with_a_tiny_budget_keeps_only_its_best_trials_stages(tmp_path,
     space = tmp_path / "space.yaml"
     space.write_text(yaml.safe_dump({
         "name": "budget", "pipeline": str(REPO / "pipelines" / "quickstart.yaml"),
-        "set": {"data.root": str(small_synthetic), "stages.supervised.epochs": 1, "stages.supervised.steps_per_epoch": 3,
+        # enough steps that the trials' values differ (tied trials would all be kept as the best)
+        "set": {"data.root": str(small_synthetic), "stages.supervised.epochs": 1, "stages.supervised.steps_per_epoch": 12,
                 "stages.self_train.epochs": 1, "stages.self_train.steps_per_epoch": 3, "stages.pseudo_label.threshold": 0.5},
-        "params": {"stages.supervised.optimizer.lr": {"type": "float", "low": 1e-4, "high": 1e-2, "log": True}},
+        "params": {"stages.supervised.optimizer.lr": {"type": "float", "low": 1e-4, "high": 3e-2, "log": True}},
         "searcher": {"name": "random", "seed": 0}, "scheduler": {"name": "none"},
-        "budget": {"num_samples": 3, "max_concurrent": 1, "disk": "1K"},
+        "budget": {"num_samples": 3, "max_concurrent": 2, "disk": "1K"},
     }))
     uri, store = f"sqlite:///{tmp_path / 'mlflow.db'}", tmp_path / "stages"
     search = subprocess.run([sys.executable, "-m", "selftune", "search", str(space), "--out", str(tmp_path / "runs"),

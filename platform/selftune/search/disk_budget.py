@@ -18,7 +18,7 @@ from typing import Any, Callable
 
 from ray.tune import Callback
 
-from selftune.runner.store import PruneReport, delete, exclusively, stored_stages
+from selftune.runner.store import PruneReport, delete, exclusively, human_size, stored_stages
 from selftune.search.trial import OBJECTIVE, STAGE
 
 Keys = Callable[[dict[str, Any]], set[str]]  # a trial's config -> the store keys of its stages
@@ -78,4 +78,4 @@ class DiskBudget(Callback):
             self.deleted += len(report.deleted)
             over = "; the rest is the best trial's or running trials'" if report.size_after > self.max_bytes else ""
             self.say(f"  disk budget: deleted {len(report.deleted)} stage output(s) of ended trials; the search's "
-                     f"stages now take {report.size_after / 2**20:.1f} MiB of {self.max_bytes / 2**20:.1f}{over}")
+                     f"stages now take {human_size(report.size_after)} of {human_size(self.max_bytes)}{over}")
