@@ -96,9 +96,9 @@ def test_all_reduce_without_process_group_is_a_no_op():
     assert confusion.matrix.tolist() == MATRIX
 
 
-def _all_reduce_worker(rank: int, world_size: int, init_file: str) -> None:
-    """Each rank sees one row of the example image; after all_reduce both hold the whole image."""
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size)
+def _all_reduce_worker(rank: int, world_size: int, folder: str) -> None:
+    """Each rank sees one row of the example image and saves what it holds after all_reduce."""
+    dist.init_process_group("gloo", init_method=f"file://{folder}/rendezvous", rank=rank, world_size=world_size)
     try:
         confusion = ConfusionMatrix(3)
         confusion.update(PREDICTION[rank], TARGET[rank])
@@ -106,17 +106,20 @@ def _all_reduce_worker(rank: int, world_size: int, init_file: str) -> None:
         quality.update(PREDICTION[rank], TARGET[rank])
         confusion.all_reduce()
         quality.all_reduce()
-        assert confusion.matrix.tolist() == MATRIX, (rank, confusion.matrix.tolist())
-        # Every prediction counts as kept here, so the pseudo-label matrix is the same one.
-        assert quality.kept.matrix.tolist() == MATRIX, rank
-        assert quality.ground_truth_counts.tolist() == [2, 2, 1], rank
+        torch.save({"confusion": confusion.matrix, "kept": quality.kept.matrix, "truth": quality.ground_truth_counts},
+                   f"{folder}/rank{rank}.pt")
     finally:
         dist.destroy_process_group()
 
 
 def test_all_reduce_sums_across_two_gloo_workers(tmp_path):
-    # The assertions run inside each worker; mp.spawn re-raises a worker's AssertionError here.
-    mp.spawn(_all_reduce_worker, args=(2, str(tmp_path / "rendezvous")), nprocs=2, join=True)
+    mp.spawn(_all_reduce_worker, args=(2, str(tmp_path)), nprocs=2, join=True)
+    for rank in range(2):  # both hold the whole image
+        held = torch.load(tmp_path / f"rank{rank}.pt")
+        assert held["confusion"].tolist() == MATRIX, rank
+        # Every prediction counts as kept here, so the pseudo-label matrix is the same one.
+        assert held["kept"].tolist() == MATRIX, rank
+        assert held["truth"].tolist() == [2, 2, 1], rank
 
 
 def test_plot_writes_a_png(tmp_path):
