@@ -17,7 +17,7 @@ import time
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 from selftune.errors import ConfigError
 from selftune.runner.cache import KEY_LENGTH, CacheEntry, folder_size, open_locked
@@ -115,14 +115,16 @@ def delete(entry: CacheEntry) -> None:
 
 
 def prune(root: str | Path, *, older_than_s: float | None = None, max_size: int | None = None,
-          now: float | None = None, dry_run: bool = False) -> PruneReport:
+          now: float | None = None, dry_run: bool = False, among: Callable[[StoredStage], bool] | None = None,
+          keep: set[str] = frozenset()) -> PruneReport:
     """Delete incomplete entries, those unused for ``older_than_s``, then the least recently used
-    until the store holds at most ``max_size`` bytes; never a pinned or held entry."""
+    until the entries hold at most ``max_size`` bytes; never a pinned or held entry, nor one whose
+    key is in ``keep``. ``among``: only the entries it accepts count and may go (a search's own)."""
     now = time.time() if now is None else now
-    stages = stored_stages(root)
+    stages = [s for s in stored_stages(root) if among is None or among(s)]
     total = sum(stored.size for stored in stages)
     report = PruneReport()
-    removable = sorted((s for s in stages if not s.pins), key=lambda s: (s.complete, s.last_used))
+    removable = sorted((s for s in stages if not s.pins and s.key not in keep), key=lambda s: (s.complete, s.last_used))
     for stored in removable:
         stale = not stored.complete or (older_than_s is not None and now - stored.last_used > older_than_s)
         if not stale and not (max_size is not None and total > max_size):

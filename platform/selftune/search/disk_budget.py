@@ -7,7 +7,7 @@ least recently used of them that no one needs: never an entry a running trial ho
 lock), a pinned one, or one of the best finished trial's stages. Metrics, summaries and the trial
 table live in MLflow and the search folder, so nothing a user reads is lost; a later trial that
 needs a deleted stage computes it again. The search can exceed the budget only by what its
-running trials hold: the stages they are computing or have claimed.
+running trials hold (the stages they are computing or read) and by the best trial's stages.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from typing import Any, Callable
 
 from ray.tune import Callback
 
-from selftune.runner.store import PruneReport, delete, exclusively, human_size, stored_stages
+from selftune.runner.store import PruneReport, human_size, prune
 from selftune.search.trial import OBJECTIVE, STAGE
 
 Keys = Callable[[dict[str, Any]], set[str]]  # a trial's config -> the store keys of its stages
@@ -31,22 +31,8 @@ def search_owner(folder: str | Path) -> str:
 
 def enforce(root: str | Path, owner: str, max_bytes: int, keep: set[str]) -> PruneReport:
     """Delete ``owner``'s entries, least recently used first, until they take at most ``max_bytes``;
-    never a held or pinned entry or one whose key is in ``keep``."""
-    mine = [s for s in stored_stages(root) if s.record.get("created_by") == owner]
-    report = PruneReport(size_after=sum(s.size for s in mine))
-    for stored in mine:  # oldest use first
-        if report.size_after <= max_bytes:
-            break
-        if stored.pins or stored.key in keep:
-            continue
-        with exclusively(stored.entry) as free:
-            if not free:
-                report.held.append(stored)
-                continue
-            delete(stored.entry)
-        report.deleted.append(stored)
-        report.size_after -= stored.size
-    return report
+    never a held or pinned entry or one whose key is in ``keep`` (``selftune store prune``'s rules)."""
+    return prune(root, max_size=max_bytes, among=lambda stored: stored.record.get("created_by") == owner, keep=keep)
 
 
 class DiskBudget(Callback):
@@ -55,27 +41,25 @@ class DiskBudget(Callback):
     def __init__(self, root: str | Path, owner: str, max_bytes: int, mode: str, keys: Keys, say: Callable[[str], None]):
         self.root, self.owner, self.max_bytes, self.mode, self.keys, self.say = root, owner, max_bytes, mode, keys, say
         self.best: float | None = None
-        self.best_configs: list[dict[str, Any]] = []  # every finished trial at the best value (the table may pick any)
-        self.deleted = 0
+        self.keep: set[str] = set()  # the stages of every finished trial at the best value (the table may pick any)
 
     def on_trial_result(self, iteration, trials, trial, result, **info) -> None:
-        self._enforce()
+        self.enforce_now()
 
     def on_trial_complete(self, iteration, trials, trial, **info) -> None:
         result = trial.last_result or {}
         value = result.get(OBJECTIVE)
         if result.get(STAGE) == result.get("stages_total") and value is not None and math.isfinite(value):
             if self.best is None or (value > self.best if self.mode == "max" else value < self.best):
-                self.best, self.best_configs = value, []
-            if value == self.best:
-                self.best_configs.append(dict(trial.config))
-        self._enforce()
+                self.best, self.keep = value, set()
+            if value == self.best:  # keys computed once per best trial, not at every report
+                self.keep |= self.keys(dict(trial.config))
+        self.enforce_now()
 
-    def _enforce(self) -> None:
-        keep = set().union(*(self.keys(config) for config in self.best_configs))
-        report = enforce(self.root, self.owner, self.max_bytes, keep)
+    def enforce_now(self) -> None:
+        """Prune to the budget (also called by the driver once Tune has ended every trial's process)."""
+        report = enforce(self.root, self.owner, self.max_bytes, self.keep)
         if report.deleted:
-            self.deleted += len(report.deleted)
             over = "; the rest is the best trial's or running trials'" if report.size_after > self.max_bytes else ""
             self.say(f"  disk budget: deleted {len(report.deleted)} stage output(s) of ended trials; the search's "
                      f"stages now take {human_size(report.size_after)} of {human_size(self.max_bytes)}{over}")

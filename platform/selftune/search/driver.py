@@ -219,7 +219,8 @@ def _fit(space: SearchSpace, folder: Path, state: dict[str, Any], tracking_uri: 
     trainable = ray.tune.with_resources(ray.tune.with_parameters(run_trial, context=context), {"cpu": TRIAL_ACTOR_CPUS})
     stage_names = functools.partial(_stage_names, space)
     progress_callback = Progress(space.trial_budget, space.config.objective.mode, progress, stage_names, context.own_errors_dir)
-    callbacks = [TrialRunCloser(tracking_uri, stage_names), progress_callback, *_disk_budget(space, context, progress)]
+    budget = _disk_budget(space, context, progress)
+    callbacks = [TrialRunCloser(tracking_uri, stage_names), progress_callback, *budget]
     tune_path = folder / "tune"
     if resume and not ray.tune.Tuner.can_restore(str(tune_path)):
         _forget_study(folder, space.name)
@@ -248,6 +249,8 @@ def _fit(space: SearchSpace, folder: Path, state: dict[str, Any], tracking_uri: 
             ),
         )
     results = tuner.fit()
+    for callback in budget:  # the last trials held their stages until their processes ended, after their last report
+        callback.enforce_now()
     return results, progress_callback.ended_ids
 
 
