@@ -29,7 +29,12 @@ def test_quickstart_with_two_gloo_workers(tmp_path, tracking_uri, small_syntheti
         env={**os.environ, "OMP_NUM_THREADS": "2"},  # what a worker inherits; its 1 CPU must win
     )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    assert json.loads((out / "0-supervised" / "summary.json").read_text())["torch_threads"] == 1
+    summary = json.loads((out / "0-supervised" / "summary.json").read_text())
+    assert summary["torch_threads"] == 1
+    assert summary["controller_poll_s"] == 0.2  # selftune's poll interval reached the controller and its workers
+    # On selftune's own local instance Ray Train starts no placement-group cleaner (without a
+    # dashboard it could only print a warning a second: it was seen here, one per line).
+    assert "PlacementGroupCleaner" not in result.stdout + result.stderr
     mlflow.set_tracking_uri(tracking_uri)
     runs = mlflow.search_runs(experiment_names=["ddp"], output_format="list")
     stages = {r.data.tags["selftune.stage"]: r for r in runs if r.data.tags.get("selftune.kind") == "stage"}

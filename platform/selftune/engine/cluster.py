@@ -29,6 +29,9 @@ import tempfile
 from pathlib import Path
 
 LOOPBACK = "127.0.0.1"
+# Set in the processes of a local instance that selftune started (Ray's workers inherit the
+# environment of the process that starts the instance): what runs there may skip cluster machinery.
+LOCAL_INSTANCE_ENV = "SELFTUNE_LOCAL_RAY"
 _SOCKET_PATH_MAX = 107  # sun_path on Linux, less the terminating NUL
 # What Ray appends to its temp dir for its longest socket path (a session name with a 7-digit pid).
 _SESSION_SOCKET_TAIL = len("/session_2026-12-01_21-32-11_979345_4194304/sockets/plasma_store")
@@ -50,11 +53,17 @@ def ensure_ray(*, worker_output: bool = True, temp_dir: str | Path | None = None
         ray.init(address=os.environ["RAY_ADDRESS"], **quiet)
         return
     _keep_local_instance_on_loopback()
+    os.environ[LOCAL_INSTANCE_ENV] = "1"
     # address="local": always a private instance, never a `ray start` cluster that happens to run
     # on this machine (set RAY_ADDRESS=auto to use that one).
     ray.init(address="local", include_dashboard=False, configure_logging=True, _node_ip_address=LOOPBACK,
              _temp_dir=session_root(temp_dir), _system_config={"enable_metrics_collection": False}, **quiet)
     _make_private(_auth_token_path())
+
+
+def on_local_instance() -> bool:
+    """Whether this process runs on (or started) a private local instance of selftune's."""
+    return os.environ.get(LOCAL_INSTANCE_ENV) == "1"
 
 
 def _keep_local_instance_on_loopback() -> None:

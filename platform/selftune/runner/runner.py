@@ -22,6 +22,7 @@ MLflow contract (users' dashboards rely on these names):
 
 from __future__ import annotations
 
+import os
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
@@ -31,7 +32,7 @@ from typing import Any, Callable, ContextManager, Iterator, Protocol
 from selftune.config import PipelineConfig, ResourcesConfig, StageConfig, flatten, stage_kind
 from selftune.config.kinds import reference_fields
 from selftune.engine.context import WorkerContext
-from selftune.engine.ray_train import WorkOrder, run_on_ray_train
+from selftune.engine.ray_train import POLL_ENV, WorkOrder, run_on_ray_train
 from selftune.errors import failure_reason
 from selftune.runner.cache import stage_key
 from selftune.runner.fingerprints import pipeline_fingerprints
@@ -252,7 +253,8 @@ def run_stage_on_worker(job: StageJob, ctx: WorkerContext) -> None:
     summary = stage_kind(job.stage.kind).run(job, ctx)
     if ctx.is_main and ctx.restartable:  # whether Ray Train had to restart the worker group, and from where
         summary = {**summary, "restarts": ctx.attempt - 1, "resumed_from_epoch": ctx.resumed_from_epoch,
-                   "torch_threads": torch.get_num_threads()}
+                   "torch_threads": torch.get_num_threads(),
+                   "controller_poll_s": float(os.environ.get(POLL_ENV, "nan"))}  # what reached the worker
     if ctx.is_main:
         job.write_json(RESULT, summary)
 
