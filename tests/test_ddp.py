@@ -35,6 +35,7 @@ def test_quickstart_with_two_gloo_workers(tmp_path, tracking_uri, small_syntheti
     # On selftune's own local instance Ray Train starts no placement-group cleaner (without a
     # dashboard it could only print a warning a second: it was seen here, one per line).
     assert "PlacementGroupCleaner" not in result.stdout + result.stderr
+    assert "PreemptionWatcher" not in result.stdout + result.stderr  # nor a preemption watcher (Ray logs its start)
     mlflow.set_tracking_uri(tracking_uri)
     runs = mlflow.search_runs(experiment_names=["ddp"], output_format="list")
     stages = {r.data.tags["selftune.stage"]: r for r in runs if r.data.tags.get("selftune.kind") == "stage"}

@@ -1,16 +1,16 @@
 """`selftune search` for real: Ray Tune + Optuna + ASHA + the stage cache on the synthetic data,
-interrupted with Ctrl-C and resumed, then `selftune show` and `selftune final` on its results.
+then `selftune show` and `selftune final` on its results.
 
 One search serves every test here (a module fixture): a few minutes of Ray are worth sharing.
+Interrupts and ``--resume`` have their own test, which sends every signal to one search
+(``test_search_interrupt_chain.py``).
 """
 
 from __future__ import annotations
 
 import os
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import optuna
@@ -57,23 +57,9 @@ def search(tmp_path_factory, session_home, small_synthetic):
     }))
     env = {**os.environ, "HOME": str(session_home), "OMP_NUM_THREADS": "1",
            "SELFTUNE_CACHE": str(session_home / "cache"), "MLFLOW_TRACKING_URI": f"sqlite:///{folder / 'mlflow.db'}"}
-    # First attempt: Ctrl-C once the first trial has ended.
-    first = cli("search", str(space), cwd=folder, env=env)
-    lines = []
-    for line in first.stdout:
-        lines.append(line)
-        if line.startswith("▶ trial"):
-            first.send_signal(signal.SIGINT)
-            break
-    interrupted_output = "".join(lines) + first.communicate(timeout=300)[0]
-    # Then --resume to the end.
-    resumed = cli("search", str(space), "--resume", cwd=folder, env=env)
-    resumed_output = resumed.communicate(timeout=600)[0]
-    return {
-        "folder": folder, "env": env, "uri": env["MLFLOW_TRACKING_URI"],
-        "first_code": first.returncode, "first_output": interrupted_output,
-        "code": resumed.returncode, "output": resumed_output,
-    }
+    done = cli("search", str(space), cwd=folder, env=env)
+    output = done.communicate(timeout=600)[0]
+    return {"folder": folder, "env": env, "uri": env["MLFLOW_TRACKING_URI"], "code": done.returncode, "output": output}
 
 
 def runs(uri: str, kind: str) -> list:
@@ -82,16 +68,10 @@ def runs(uri: str, kind: str) -> list:
     return client.search_runs(experiments, filter_string=f"tags.`selftune.kind` = '{kind}'", max_results=1000)
 
 
-def test_ctrl_c_ends_the_search_killed_and_resume_finishes_it(search):
-    assert search["first_code"] == 130, search["first_output"][-3000:]
-    assert "continue with --resume" in search["first_output"]
+def test_the_search_finishes_with_every_trial_once_in_tune_optuna_and_mlflow(search):
     assert search["code"] == 0, search["output"][-3000:]
-    assert "resuming the Tune experiment" in search["output"]
     (search_run,) = runs(search["uri"], "search")
     assert search_run.info.status == "FINISHED"
-
-
-def test_resume_neither_loses_nor_duplicates_trials(search):
     trials = runs(search["uri"], "trial")
     trial_ids = [run.data.tags["selftune.trial_id"] for run in trials]
     assert len(trial_ids) == 4 and len(set(trial_ids)) == 4
@@ -144,7 +124,7 @@ def test_a_diverging_trial_fails_with_its_reason_and_the_search_goes_on(search):
         diverged = [run for run in runs(search["uri"], "stage") if run.data.tags.get("mlflow.parentRunId") == trial.info.run_id
                     and run.data.tags["selftune.stage"] == "self_train"]
         assert [run.info.status for run in diverged] == ["FAILED"]
-    assert "restarting after" not in search["first_output"] + search["output"]
+    assert "restarting after" not in search["output"]
 
 
 def test_summary_table_and_show(search):
