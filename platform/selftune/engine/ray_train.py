@@ -34,12 +34,12 @@ STARTS_FILE = ".worker_group_starts"  # in the stage folder: how often its worke
 # workers; a value the user set wins.
 POLL_ENV = "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"
 POLL_SECONDS = "0.2"
-# Ray Train's callbacks that do nothing on selftune's local instance but cost every stage: the
-# placement-group cleaner is one more process that asks the state API every second whether the
-# controller lives (it has no dashboard to ask: a warning a second on the terminal, and the cleanup
-# can never happen), and the metrics callbacks feed a metrics agent that is off. Measured with
-# empty 1-worker fits on 2 cores: 7.3 s with them, 5.7 s without. The preemption watcher (one more
-# process per stage, importing Ray) waits for a node drain that one machine's instance never sees.
+# What Ray Train starts for every stage that does nothing on selftune's local instance: the
+# placement-group cleaner, one more process, asks the state API every second whether the controller
+# lives (there is no dashboard to answer: a warning a second on the terminal, and the cleanup can
+# never happen); the metrics callbacks feed a metrics agent that is off; the preemption watcher, one
+# more process, waits for a node drain that one machine never sees. Empty 1-worker fits on 2 cores:
+# 7.3 s with the callbacks, 5.7 s without. Ray has a switch for the watcher only.
 IDLE_LOCALLY = ("PlacementGroupCleanerCallback", "ControllerMetricsCallback", "WorkerMetricsCallback")
 PREEMPTION_ENV = "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER"
 
@@ -59,13 +59,14 @@ def run_on_ray_train(order: WorkOrder, resources: ResourcesConfig, *, name: str,
     """Run ``order`` on every worker of one ``TorchTrainer.fit()``; a worker's exception is re-raised."""
     import ray.train
 
-    if resources.workers > 0:
+    group = resources.workers > 0  # a worker group can lose a worker (or a node) and be restarted
+    if group:
         ensure_ray(temp_dir=storage_path)
         os.environ.setdefault(POLL_ENV, POLL_SECONDS)
-        if on_local_instance():
-            os.environ.setdefault(PREEMPTION_ENV, "0")
-    group = resources.workers > 0  # a worker group can lose a worker (or a node) and be restarted
-    trainer = _trainer_class(lean=group and on_local_instance())(
+    lean = group and on_local_instance()
+    if lean:
+        os.environ.setdefault(PREEMPTION_ENV, "0")
+    trainer = _trainer_class(lean=lean)(
         train_loop_per_worker,
         train_loop_config={"order": order, "precision": resources.precision, "restartable": group,
                            "threads": max(1, int(resources.cpus_per_worker))},
